@@ -1,0 +1,231 @@
+"""The structured-config schema: dataclasses registered in Hydra's ConfigStore.
+
+Hydra merges the YAML files of ``conf/`` into these dataclasses, so an unknown key, a value of the
+wrong type or an option outside an enum is rejected when the config is composed, before anything
+runs. Each config group mirrors a module: ``dataset`` ↔ ``harness.data``, ``model`` ↔
+``harness.models``, ``grouping`` ↔ ``harness.groups``, ``curvature`` ↔ ``harness.curvature``,
+``tracking`` ↔ ``harness.tracking``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class DatasetName(str, Enum):
+    """Data sets. ``digits`` is scikit-learn's bundled 8×8 digits (1797 images, 10 classes)."""
+
+    digits = "digits"
+
+
+class ModelName(str, Enum):
+    """Network architectures."""
+
+    mlp = "mlp"
+
+
+class Activation(str, Enum):
+    """Elementwise activations of the MLP."""
+
+    relu = "relu"
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+
+
+class LossName(str, Enum):
+    """Loss functions: ``mse`` on one-hot targets, ``cross_entropy`` on class indices."""
+
+    mse = "mse"
+    cross_entropy = "cross_entropy"
+
+
+class Reduction(str, Enum):
+    """Reduction of the per-sample losses. The GGN scaling follows it."""
+
+    mean = "mean"
+    sum = "sum"
+
+
+class Grouping(str, Enum):
+    """How parameters are split into groups, each with its own GGN block."""
+
+    all = "all"
+    per_layer = "per_layer"
+    per_param = "per_param"
+    weights_biases = "weights_biases"
+
+
+class OptimizerName(str, Enum):
+    """Optimizers from ``torch.optim``."""
+
+    sgd = "sgd"
+    adam = "adam"
+
+
+class Approximation(str, Enum):
+    """GGN approximation: the exact GGN or its Monte-Carlo estimate."""
+
+    exact = "exact"
+    mc = "mc"
+
+
+class Precision(str, Enum):
+    """Floating point precision of the Gram matrix and its eigensolve."""
+
+    float32 = "float32"
+    float64 = "float64"
+
+
+class ScheduleKind(str, Enum):
+    """How checkpoint steps are chosen: listed, every k steps, or log-spaced."""
+
+    steps = "steps"
+    every = "every"
+    log = "log"
+
+
+@dataclass
+class DatasetConfig:
+    """Data set and its split into training, held-out and curvature data."""
+
+    name: DatasetName = DatasetName.digits
+    val_fraction: float = 0.2
+    standardize: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Network architecture."""
+
+    name: ModelName = ModelName.mlp
+    hidden: list[int] = field(default_factory=lambda: [32])
+    activation: Activation = Activation.relu
+
+
+@dataclass
+class LossConfig:
+    """Training loss, also the loss whose GGN is computed."""
+
+    name: LossName = LossName.mse
+    reduction: Reduction = Reduction.mean
+
+
+@dataclass
+class GroupingConfig:
+    """Parameter grouping."""
+
+    name: Grouping = Grouping.all
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and its hyperparameters."""
+
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Length of training, mini-batch size and evaluation period, in optimizer steps."""
+
+    steps: int = 300
+    batch_size: int = 64
+    eval_every: int = 50
+    log_every: int = 10
+
+
+@dataclass
+class ScheduleConfig:
+    """Checkpoint steps at which the GGN spectrum is computed. Steps 0 and ``train.steps``
+    are always included."""
+
+    kind: ScheduleKind = ScheduleKind.log
+    every: int = 50
+    steps: list[int] = field(default_factory=list)
+    num: int = 8
+
+
+@dataclass
+class ValidationConfig:
+    """Check of the Gram eigenvalues against the exact GGN of small groups.
+
+    A group with at most ``max_params`` parameters is validated at every checkpoint: the
+    eigenvalues a (Gram) and b (exact) pass if |a - b| <= atol + rtol·|b| for every pair.
+    """
+
+    enabled: bool = True
+    max_params: int = 4000
+    rtol: float = 1e-3
+    atol: float = 1e-6
+    strict: bool = False
+
+
+@dataclass
+class CurvatureConfig:
+    """GGN spectrum computation at checkpoints."""
+
+    approximation: Approximation = Approximation.exact
+    mc_samples: int = 1
+    batch_size: int = 32
+    dtype: Precision = Precision.float64
+    top_k: int = 10
+    threshold: float = 1e-3
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    validate: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. ``uri`` null means ``MLFLOW_TRACKING_URI`` if set, otherwise
+    ``sqlite:///mlflow.db`` in the directory the command was started from."""
+
+    uri: Optional[str] = None
+    experiment: str = "harness"
+    run_name: Optional[str] = None
+    log_model: bool = True
+
+
+@dataclass
+class Config:
+    """Top-level config of one run."""
+
+    defaults: list[Any] = field(default_factory=list)
+    seed: int = 0
+    device: str = "cpu"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    """Register the schema as ``config_schema`` for ``conf/config.yaml``'s defaults list."""
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def config_dir() -> Path:
+    """Return the folder of the YAML configs.
+
+    In an installed wheel the configs are package data in ``harness/conf``. In a source checkout
+    or an editable install they are in ``conf/`` beside the package.
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"No config.yaml in {package / 'conf'} or {package.parent / 'conf'}: "
+        "reinstall the package with 'pip install .' from the repository root."
+    )

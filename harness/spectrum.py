@@ -1,0 +1,132 @@
+"""The GGN spectrum at one checkpoint: Gram eigenvalues per group, validated where feasible."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import Module, Parameter
+
+from harness.curvature import ValidationResult, compare_eigvals, compute_grams, exact_ggn, gram_eigvals
+from harness.tracking import metric_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Spectrum:
+    """Eigenvalues of each group's GGN block at one training step.
+
+    Attributes:
+        step: Number of optimizer updates before this checkpoint.
+        eigvals: Group name to its Gram eigenvalues, descending, numerically zero ones as 0.
+        validation: Group name to its comparison with the exact GGN, for validated groups.
+        seconds: Wall-clock time of the Gram computation and eigensolves.
+        validation_seconds: Wall-clock time of the exact reference.
+    """
+
+    step: int
+    eigvals: dict[str, Tensor]
+    validation: dict[str, ValidationResult] = field(default_factory=dict)
+    seconds: float = 0.0
+    validation_seconds: float = 0.0
+
+    def metrics(self, top_k: int, threshold: float) -> dict[str, float]:
+        """Return the checkpoint's metrics under the documented keys ``ggn/...``, ``validation/...``."""
+        metrics = {"ggn/compute_seconds": self.seconds}
+        for group, eigvals in self.eigvals.items():
+            metrics[metric_key("ggn", group, "eigval_max")] = eigvals[0].item()
+            metrics[metric_key("ggn", group, "trace")] = eigvals.sum().item()
+            metrics[metric_key("ggn", group, "num_eigvals_above")] = int((eigvals > threshold).sum())
+            for rank, value in enumerate(eigvals[:top_k].tolist(), start=1):
+                metrics[metric_key("ggn", group, f"eigval_{rank}")] = value
+        for group, result in self.validation.items():
+            metrics[metric_key("validation", group, "max_abs_err")] = result.max_abs_err
+            metrics[metric_key("validation", group, "max_rel_err")] = result.max_rel_err
+            metrics[metric_key("validation", group, "passed")] = float(result.passed)
+        if self.validation:
+            metrics["validation/seconds"] = self.validation_seconds
+        return metrics
+
+    def to_npz(self) -> bytes:
+        """Serialize the eigenvalues as an ``.npz`` archive: one float64 array per group, plus ``step``."""
+        import io
+
+        buffer = io.BytesIO()
+        arrays = {name: values.double().cpu().numpy() for name, values in self.eigvals.items()}
+        np.savez(buffer, step=np.array(self.step), **arrays)
+        return buffer.getvalue()
+
+
+class SpectrumProbe:
+    """Compute and validate the GGN spectrum of fixed parameter groups on a fixed batch.
+
+    Args:
+        param_groups: Group name to parameters.
+        loss_func: The (BackPACK-extended) training loss.
+        inputs: The curvature batch's inputs, fixed for the run.
+        targets: The curvature batch's targets.
+        approximation: ``"exact"`` or ``"mc"``.
+        mc_samples: Monte-Carlo samples per datum for ``"mc"``.
+        dtype: Precision of the Gram matrices and eigensolves.
+        validate_max_params: Groups with at most this many parameters are validated; 0 disables.
+        rtol: Relative tolerance of the validation.
+        atol: Absolute tolerance of the validation.
+    """
+
+    def __init__(
+        self,
+        param_groups: Mapping[str, Sequence[Parameter]],
+        loss_func: Module,
+        inputs: Tensor,
+        targets: Tensor,
+        approximation: str = "exact",
+        mc_samples: int = 1,
+        dtype: torch.dtype = torch.float64,
+        validate_max_params: int = 0,
+        rtol: float = 1e-3,
+        atol: float = 1e-6,
+    ) -> None:
+        self.param_groups = param_groups
+        self.loss_func = loss_func
+        self.inputs = inputs
+        self.targets = targets
+        self.approximation = approximation
+        self.mc_samples = mc_samples
+        self.dtype = dtype
+        self.rtol = rtol
+        self.atol = atol
+        self.validated_groups = [
+            name
+            for name, params in param_groups.items()
+            if 0 < sum(p.numel() for p in params) <= validate_max_params
+        ]
+
+    def compute(self, model: Module, step: int) -> Spectrum:
+        """Return the spectrum of ``model`` at ``step``; the parameters' ``.grad`` is cleared after."""
+        start = time.perf_counter()
+        grams = compute_grams(
+            model,
+            self.loss_func,
+            self.inputs,
+            self.targets,
+            self.param_groups,
+            self.approximation,
+            self.mc_samples,
+            self.dtype,
+        )
+        eigvals = {name: gram_eigvals(gram) for name, gram in grams.items()}
+        model.zero_grad(set_to_none=True)
+        spectrum = Spectrum(step, eigvals, seconds=time.perf_counter() - start)
+
+        start = time.perf_counter()
+        for name in self.validated_groups:
+            ggn = exact_ggn(model, self.loss_func, self.inputs, self.targets, self.param_groups[name])
+            spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
+        spectrum.validation_seconds = time.perf_counter() - start
+        return spectrum
