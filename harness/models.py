@@ -1,19 +1,26 @@
-"""Network architectures, built as ``torch.nn.Sequential`` with readable module names."""
+"""Network architectures, built as ``torch.nn.Sequential`` with readable module names.
+
+The module names become parameter-group names, for example ``fc1`` with ``grouping=per_layer``.
+Models whose ``forward`` is not a chain of modules (``resnet``, torchvision models) are converted
+by BackPACK before use, see ``harness.support``.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
-def mlp(in_features: int, hidden: Sequence[int], out_features: int, activation: str) -> nn.Sequential:
+def mlp(
+    in_features: int, hidden: Sequence[int], out_features: int, activation: str, flatten: bool = False
+) -> nn.Sequential:
     """Build an MLP ``in → hidden[0] → … → out`` with modules ``fc1, act1, fc2, …``.
 
-    The module names become parameter-group names, for example ``fc1`` with ``per_layer``.
+    With ``flatten``, a first module ``flatten`` turns image inputs into vectors.
 
     Raises:
         ValueError: If a layer size is not positive or the activation is unknown.
@@ -25,12 +32,13 @@ def mlp(in_features: int, hidden: Sequence[int], out_features: int, activation: 
         raise ValueError(f"Invalid activation {activation!r}: use one of {sorted(ACTIVATIONS)}.")
 
     layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if flatten:
+        layers["flatten"] = nn.Flatten()
     for index, (size_in, size_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
         layers[f"fc{index}"] = nn.Linear(size_in, size_out)
         if index < len(sizes) - 1:
             layers[f"act{index}"] = ACTIVATIONS[activation]()
     return nn.Sequential(layers)
-
 
 
 def deepobs_2c2d(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
@@ -117,3 +125,172 @@ def deepobs_allcnnc(in_channels: int = 3, num_classes: int = 100) -> nn.Sequenti
             flatten=nn.Flatten(),
         )
     )
+
+
+def digits_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """Build a small CNN for 8×8 images (1,898 parameters for 1 channel, 10 classes).
+
+    Two 3×3 'same' convolutions (8, 16 channels) with ReLU and 2×2 max-pooling (8×8 → 4×4 → 2×2),
+    then a fully connected layer to ``num_classes`` units. It is small enough that the GGN of
+    the whole net is validated against the exact GGN with the default
+    ``curvature.validate.max_params``.
+    """
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(in_channels, 8, 3, padding=1),
+            act1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2, 2),
+            conv2=nn.Conv2d(8, 16, 3, padding=1),
+            act2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2, 2),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(16 * 2 * 2, num_classes),
+        )
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Basic residual block ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` of two 3×3 convolutions.
+
+    The shortcut is the identity, or a strided 1×1 convolution (with batch norm) where the
+    block changes the number of channels or the resolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, batchnorm: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=not batchnorm)
+        self.bn2 = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
+        if stride == 1 and in_channels == out_channels:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            layers = [nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=not batchnorm)]
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            self.shortcut = nn.Sequential(*layers)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.act2(residual + self.shortcut(x))
+
+
+def resnet(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    widths: Sequence[int] = (16, 32, 64),
+    blocks: int = 3,
+    batchnorm: bool = True,
+) -> nn.Sequential:
+    """Build a ResNet for small images such as CIFAR-10's.
+
+    A 3×3 convolution to ``widths[0]`` channels, then one stage of ``blocks`` residual blocks per
+    entry of ``widths``, each stage after the first halving the resolution. Average pooling over
+    the remaining image and a fully connected layer follow. ``widths=(16, 32, 64)`` with
+    ``blocks=3`` has 20 layers with weights outside the shortcuts (ResNet-20), and its shortcuts
+    are 1×1 projections where the shape changes. The residual sums are not modules, so BackPACK
+    needs the model converted with ``extend(model, use_converter=True)``.
+
+    Raises:
+        ValueError: If a width or ``blocks`` is not positive.
+    """
+    if not widths or any(width < 1 for width in widths) or blocks < 1:
+        raise ValueError(
+            f"Invalid ResNet widths={list(widths)}, blocks={blocks}: give at least one width, "
+            "and every width and blocks must be at least 1."
+        )
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv=nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=not batchnorm),
+        bn=nn.BatchNorm2d(widths[0]) if batchnorm else nn.Identity(),
+        act=nn.ReLU(),
+    )
+    height, width = image_size
+    channels = widths[0]
+    for stage, stage_width in enumerate(widths, start=1):
+        stage_blocks = []
+        for index in range(blocks):
+            stride = 2 if stage > 1 and index == 0 else 1
+            stage_blocks.append(ResidualBlock(channels, stage_width, stride, batchnorm))
+            channels = stage_width
+        layers[f"stage{stage}"] = nn.Sequential(*stage_blocks)
+        if stage > 1:
+            # A 3×3 convolution with padding 1 and stride 2 maps a size s to ceil(s / 2).
+            height, width = (height + 1) // 2, (width + 1) // 2
+
+    # BackPACK has no GGN factor for AdaptiveAvgPool2d, so global pooling is a fixed-size AvgPool2d.
+    layers["pool"] = nn.AvgPool2d((height, width))
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(channels, num_classes)
+    return nn.Sequential(layers)
+
+
+def torchvision_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """Build torchvision's ``arch`` with random weights and ``num_classes`` outputs.
+
+    Raises:
+        ValueError: If the architecture is unknown, or the inputs do not have 3 channels.
+    """
+    import torchvision.models
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"Invalid torchvision model {arch!r}: it is not in torchvision.models.list_models().")
+    if in_channels != 3:
+        raise ValueError(
+            f"torchvision's {arch} takes images of 3 channels, but the data has {in_channels}: "
+            "use a 3-channel data set such as cifar10, or a model of this harness."
+        )
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+MODELS = ("mlp", "digits_cnn", "deepobs_2c2d", "deepobs_3c3d", "deepobs_allcnnc", "resnet", "torchvision")
+
+
+def build_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    *,
+    hidden: Sequence[int] = (32,),
+    activation: str = "relu",
+    widths: Sequence[int] = (16, 32, 64),
+    blocks: int = 3,
+    batchnorm: bool = True,
+    arch: str = "resnet18",
+) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` and ``num_outputs`` outputs.
+
+    ``hidden`` and ``activation`` set the ``mlp``; ``widths``, ``blocks`` and ``batchnorm`` the
+    ``resnet``; ``arch`` names the torchvision model of ``torchvision``. The other models have
+    fixed layouts.
+
+    Raises:
+        ValueError: If the name is unknown, or a model for images gets flat inputs.
+    """
+    if name not in MODELS:
+        raise ValueError(f"Invalid model {name!r}: use one of {MODELS}.")
+    if name == "mlp":
+        in_features = 1
+        for size in input_shape:
+            in_features *= size
+        return mlp(in_features, hidden, num_outputs, activation, flatten=len(input_shape) > 1)
+
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"Model {name} takes images [channels, height, width], but the data has inputs of "
+            f"shape {tuple(input_shape)}: for digits set dataset.images=true, or use model=mlp."
+        )
+    channels, height, width = input_shape
+    if name == "digits_cnn":
+        return digits_cnn(channels, num_outputs)
+    if name == "deepobs_2c2d":
+        return deepobs_2c2d(channels, num_outputs)
+    if name == "deepobs_3c3d":
+        return deepobs_3c3d(channels, num_outputs)
+    if name == "deepobs_allcnnc":
+        return deepobs_allcnnc(channels, num_outputs)
+    if name == "resnet":
+        return resnet(channels, num_outputs, (height, width), widths, blocks, batchnorm)
+    return torchvision_model(arch, channels, num_outputs)
