@@ -18,15 +18,35 @@ from hydra.core.config_store import ConfigStore
 
 
 class DatasetName(str, Enum):
-    """Data sets. ``digits`` is scikit-learn's bundled 8×8 digits (1797 images, 10 classes)."""
+    """Data sets. ``digits`` (8×8 images, 10 classes) and ``diabetes`` (regression, 1 target) are
+    bundled with scikit-learn; the others are loaded by ``torchvision.datasets`` from ``root``."""
 
     digits = "digits"
+    diabetes = "diabetes"
+    mnist = "mnist"
+    fashion_mnist = "fashion_mnist"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
 
 
 class ModelName(str, Enum):
-    """Network architectures."""
+    """Network architectures of ``harness.models``; ``torchvision`` builds ``model.arch``."""
 
     mlp = "mlp"
+    digits_cnn = "digits_cnn"
+    deepobs_2c2d = "deepobs_2c2d"
+    deepobs_3c3d = "deepobs_3c3d"
+    deepobs_allcnnc = "deepobs_allcnnc"
+    resnet = "resnet"
+    torchvision = "torchvision"
+
+
+class TorchvisionArch(str, Enum):
+    """torchvision models whose layers BackPACK supports once adaptive pooling is replaced."""
+
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+    resnet50 = "resnet50"
 
 
 class Activation(str, Enum):
@@ -91,20 +111,34 @@ class ScheduleKind(str, Enum):
 
 @dataclass
 class DatasetConfig:
-    """Data set and its split into training, held-out and curvature data."""
+    """Data set and its split into training, held-out and curvature data.
+
+    ``subset`` keeps a seeded sample of that many examples before the held-out split. ``images``
+    gives digits as ``[1, 8, 8]`` images instead of vectors. ``root`` (relative to the folder the
+    command was started from) and ``download`` apply to the torchvision data sets.
+    """
 
     name: DatasetName = DatasetName.digits
     val_fraction: float = 0.2
     standardize: bool = True
+    images: bool = False
+    subset: Optional[int] = None
+    root: str = "data"
+    download: bool = False
 
 
 @dataclass
 class ModelConfig:
-    """Network architecture."""
+    """Network architecture. ``hidden`` and ``activation`` set the ``mlp``; ``widths``, ``blocks``
+    and ``batchnorm`` the ``resnet``; ``arch`` the ``torchvision`` model."""
 
     name: ModelName = ModelName.mlp
     hidden: list[int] = field(default_factory=lambda: [32])
     activation: Activation = Activation.relu
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    blocks: int = 3
+    batchnorm: bool = True
+    arch: TorchvisionArch = TorchvisionArch.resnet18
 
 
 @dataclass

@@ -21,6 +21,7 @@ from harness import models
 from harness.groups import build_param_groups
 from harness.schedule import checkpoint_steps
 from harness.spectrum import Spectrum, SpectrumProbe
+from harness.support import prepare_model
 from harness.tracking import Tracker, flatten, git_commit, resolve_tracking_uri, tensor_bytes, ui_command
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 # BackPACK's full backward hook on the first layer warns that its input needs no gradient.
 # That is expected for input data and does not affect the results.
 warnings.filterwarnings("ignore", message=".*Full backward hook.*", category=UserWarning)
+
+# Samples per forward pass when evaluating a whole split.
+EVAL_CHUNK = 1000
 
 
 class ValidationFailedError(RuntimeError):
@@ -58,15 +62,51 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_data(cfg: DictConfig) -> datasets.Data:
-    """Load the configured data set."""
-    return datasets.load_digits(cfg.dataset.val_fraction, cfg.dataset.standardize, cfg.seed)
+def build_data(cfg: DictConfig, launch_dir: Path) -> datasets.Data:
+    """Load the configured data set; a relative ``dataset.root`` is relative to ``launch_dir``.
+
+    Raises:
+        ValueError: If the loss does not fit the data set's task.
+    """
+    name = cfg.dataset.name.value
+    if datasets.task_of(name) == datasets.REGRESSION and cfg.loss.name.value != "mse":
+        raise ValueError(
+            f"Invalid loss={cfg.loss.name.value} for dataset={name}: it is a regression set with "
+            "real-valued targets, so use loss=mse."
+        )
+    return datasets.load_dataset(
+        name,
+        val_fraction=cfg.dataset.val_fraction,
+        standardize=cfg.dataset.standardize,
+        seed=cfg.seed,
+        images=cfg.dataset.images,
+        subset=cfg.dataset.subset,
+        root=launch_dir / Path(cfg.dataset.root).expanduser(),
+        download=cfg.dataset.download,
+    )
 
 
 def build_model(cfg: DictConfig, data: datasets.Data) -> nn.Module:
-    """Build the configured model for ``data``'s input shape and class count."""
-    in_features = int(np.prod(data.input_shape))
-    return models.mlp(in_features, list(cfg.model.hidden), data.num_classes, cfg.model.activation.value)
+    """Build the configured model for ``data``, checked and extended for BackPACK.
+
+    The returned model may be a new ``torch.fx.GraphModule`` (see ``harness.support``), so
+    parameter groups and the optimizer must be built from it.
+    """
+    model = models.build_model(
+        cfg.model.name.value,
+        data.input_shape,
+        data.num_outputs,
+        hidden=list(cfg.model.hidden),
+        activation=cfg.model.activation.value,
+        widths=list(cfg.model.widths),
+        blocks=cfg.model.blocks,
+        batchnorm=cfg.model.batchnorm,
+        arch=cfg.model.arch.value,
+    )
+    model = prepare_model(model, data.input_shape, data.num_outputs)
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info("Built model %s with %d parameters for inputs of shape %s", cfg.model.name.value, num_params, data.input_shape)
+    return model
 
 
 def build_loss(cfg: DictConfig) -> nn.Module:
@@ -77,11 +117,19 @@ def build_loss(cfg: DictConfig) -> nn.Module:
     return nn.CrossEntropyLoss(reduction=reduction)
 
 
-def targets_for(loss_name: str, labels: Tensor, num_classes: int) -> Tensor:
-    """Return the loss's targets for class ``labels``: one-hot floats for MSE, the labels for CE."""
-    if loss_name == "mse":
-        return nn.functional.one_hot(labels, num_classes).to(torch.float32)
-    return labels
+def targets_for(loss_name: str, targets: Tensor, num_outputs: int) -> Tensor:
+    """Return the loss's targets: class indices become one-hot floats for MSE; real-valued
+    regression targets and class indices for cross-entropy are returned as they are."""
+    if loss_name == "mse" and not targets.is_floating_point():
+        return nn.functional.one_hot(targets, num_outputs).to(torch.float32)
+    return targets
+
+
+def accuracy_of(outputs: Tensor, targets: Tensor) -> dict[str, float]:
+    """Return ``{"accuracy": ...}`` for class indices, or an empty dict for regression targets."""
+    if targets.is_floating_point():
+        return {}
+    return {"accuracy": (outputs.argmax(dim=1) == targets).float().mean().item()}
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -94,13 +142,30 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def evaluate(model: nn.Module, loss_func: nn.Module, inputs: Tensor, labels: Tensor, loss_name: str, num_classes: int) -> dict[str, float]:
-    """Return loss and accuracy of ``model`` on a whole split."""
+def evaluate(model: nn.Module, loss_func: nn.Module, inputs: Tensor, targets: Tensor, loss_name: str, num_outputs: int) -> dict[str, float]:
+    """Return the loss, and for classification the accuracy, of ``model`` on a whole split.
+
+    The split goes through the model in chunks of ``EVAL_CHUNK`` samples, so that a large
+    held-out split (10,000 CIFAR images) fits in memory. The loss equals one pass over the
+    whole split with ``loss_func``'s reduction.
+    """
+    summed_loss = type(loss_func)(reduction="sum")
+    total, count, correct = 0.0, 0, 0
     with torch.no_grad(), disable():
-        outputs = model(inputs)
-        loss = loss_func(outputs, targets_for(loss_name, labels, num_classes)).item()
-        accuracy = (outputs.argmax(dim=1) == labels).float().mean().item()
-    return {"loss": loss, "accuracy": accuracy}
+        for start in range(0, len(inputs), EVAL_CHUNK):
+            outputs = model(inputs[start : start + EVAL_CHUNK])
+            chunk = targets[start : start + EVAL_CHUNK]
+            loss_targets = targets_for(loss_name, chunk, num_outputs)
+            total += summed_loss(outputs, loss_targets).item()
+            # MSELoss averages over every output entry, CrossEntropyLoss over samples.
+            count += loss_targets.numel() if loss_name == "mse" else len(chunk)
+            if not chunk.is_floating_point():
+                correct += (outputs.argmax(dim=1) == chunk).sum().item()
+
+    metrics = {"loss": total / count if loss_func.reduction == "mean" else total}
+    if not targets.is_floating_point():
+        metrics["accuracy"] = correct / len(inputs)
+    return metrics
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -144,17 +209,17 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
     tracker = Tracker(uri, cfg.tracking.experiment)
 
     seed_everything(cfg.seed)
-    data = build_data(cfg)
-    model = extend(build_model(cfg, data).to(device))
+    data = build_data(cfg, launch_dir)
+    model = build_model(cfg, data).to(device)
     loss_func = extend(build_loss(cfg))
     param_groups = build_param_groups(model, cfg.grouping.name.value)
     optimizer = build_optimizer(cfg, model)
     loss_name = cfg.loss.name.value
-    num_classes = data.num_classes
+    num_outputs = data.num_outputs
 
     curvature_idx = datasets.curvature_indices(len(data.train_inputs), cfg.curvature.batch_size, cfg.seed)
     curvature_inputs = data.train_inputs[curvature_idx].to(device)
-    curvature_targets = targets_for(loss_name, data.train_labels[curvature_idx], num_classes).to(device)
+    curvature_targets = targets_for(loss_name, data.train_targets[curvature_idx], num_outputs).to(device)
     exact = cfg.curvature.approximation.value == "exact"
     validate = cfg.curvature.validate
     probe = SpectrumProbe(
@@ -219,15 +284,15 @@ def _train(
     order = torch.randperm(len(data.train_inputs), generator=generator)
     position = 0
     pending = set(checkpoints)
-    num_classes = data.num_classes
-    val_inputs, val_labels = data.val_inputs.to(device), data.val_labels.to(device)
+    num_outputs = data.num_outputs
+    val_inputs, val_targets = data.val_inputs.to(device), data.val_targets.to(device)
 
     for step in tqdm(range(total + 1), desc="train", unit="step", disable=None, file=sys.stderr):
         if step in pending:
             _checkpoint(cfg, model, probe, tracker, step)
         if step % cfg.train.eval_every == 0 or step == total:
-            if len(val_labels) > 0:
-                metrics = evaluate(model, loss_func, val_inputs, val_labels, loss_name, num_classes)
+            if len(val_targets) > 0:
+                metrics = evaluate(model, loss_func, val_inputs, val_targets, loss_name, num_outputs)
                 tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
         if step == total:
             break
@@ -238,19 +303,19 @@ def _train(
         index = order[position : position + batch_size]
         position += batch_size
         inputs = data.train_inputs[index].to(device)
-        labels = data.train_labels[index].to(device)
+        targets = data.train_targets[index].to(device)
 
         model.train()
         optimizer.zero_grad(set_to_none=True)
         with disable():
             outputs = model(inputs)
-            loss = loss_func(outputs, targets_for(loss_name, labels, num_classes))
+            loss = loss_func(outputs, targets_for(loss_name, targets, num_outputs))
             loss.backward()
         optimizer.step()
 
         if step % cfg.train.log_every == 0:
-            accuracy = (outputs.argmax(dim=1) == labels).float().mean().item()
-            tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step)
+            metrics = {"loss": loss.item(), **accuracy_of(outputs, targets)}
+            tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
 
 
 def _checkpoint(cfg: DictConfig, model: nn.Module, probe: SpectrumProbe, tracker: Tracker, step: int) -> Spectrum:
