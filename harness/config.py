@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 
 class DatasetName(str, Enum):
     """Data sets. ``digits`` (8×8 images, 10 classes) and ``diabetes`` (regression, 1 target) are
-    bundled with scikit-learn; the others are loaded by ``torchvision.datasets`` from ``root``."""
+    bundled with scikit-learn, and the others are loaded by ``torchvision.datasets`` from ``root``."""
 
     digits = "digits"
     diabetes = "diabetes"
@@ -30,7 +30,7 @@ class DatasetName(str, Enum):
 
 
 class ModelName(str, Enum):
-    """Network architectures of ``harness.models``; ``torchvision`` builds ``model.arch``."""
+    """Network architectures of ``harness.models``. ``torchvision`` builds ``model.arch``."""
 
     mlp = "mlp"
     digits_cnn = "digits_cnn"
@@ -129,8 +129,8 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    """Network architecture. ``hidden`` and ``activation`` set the ``mlp``; ``widths``, ``blocks``
-    and ``batchnorm`` the ``resnet``; ``arch`` the ``torchvision`` model."""
+    """Network architecture. ``hidden`` and ``activation`` set the ``mlp``, ``widths``, ``blocks``
+    and ``batchnorm`` the ``resnet``, and ``arch`` the ``torchvision`` model."""
 
     name: ModelName = ModelName.mlp
     hidden: list[int] = field(default_factory=lambda: [32])

@@ -3,7 +3,7 @@
 Bundled with scikit-learn, usable offline: ``digits`` (8×8 images, 10 classes) and ``diabetes``
 (a regression set). Loaded through ``torchvision.datasets`` from a local folder: ``mnist``,
 ``fashion_mnist``, ``cifar10`` and ``cifar100``. Every set is split into a seeded training and
-held-out part; the curvature batch is a seeded sample of the training part.
+held-out part, and the curvature batch is a seeded sample of the training part.
 """
 
 from __future__ import annotations
@@ -103,9 +103,9 @@ def load_dataset(
     root: str | Path = "data",
     download: bool = False,
 ) -> Data:
-    """Load data set ``name`` and split it; see the loaders of each set for the details.
+    """Load data set ``name`` and split it, as the loader of each set below describes.
 
-    ``images`` applies to ``digits`` only; ``root`` and ``download`` to the torchvision sets.
+    ``images`` applies to ``digits`` only, ``root`` and ``download`` to the torchvision sets.
 
     Raises:
         ValueError: If a value is invalid for the data set.
@@ -183,7 +183,7 @@ def load_vision(
 ) -> Data:
     """Load the training files of a torchvision data set from ``root`` as ``[N, C, H, W]`` images.
 
-    The held-out split is a seeded ``val_fraction`` of the training files; the test files are
+    The held-out split is a seeded ``val_fraction`` of the training files. The test files are
     not used. Pixels are scaled to [0, 1] and, with ``standardize``, normalized with the set's
     standard per-channel mean and standard deviation (``VISION``), which gives the same images
     as ``ToTensor()`` followed by ``Normalize(mean, std)``.

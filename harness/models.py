@@ -262,8 +262,8 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name`` for inputs of ``input_shape`` and ``num_outputs`` outputs.
 
-    ``hidden`` and ``activation`` set the ``mlp``; ``widths``, ``blocks`` and ``batchnorm`` the
-    ``resnet``; ``arch`` names the torchvision model of ``torchvision``. The other models have
+    ``hidden`` and ``activation`` set the ``mlp``, ``widths``, ``blocks`` and ``batchnorm`` the
+    ``resnet``, and ``arch`` names the torchvision model of ``torchvision``. The other models have
     fixed layouts.
 
     Raises:

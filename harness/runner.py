@@ -63,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_data(cfg: DictConfig, launch_dir: Path) -> datasets.Data:
-    """Load the configured data set; a relative ``dataset.root`` is relative to ``launch_dir``.
+    """Load the configured data set. A relative ``dataset.root`` is relative to ``launch_dir``.
 
     Raises:
         ValueError: If the loss does not fit the data set's task.
@@ -118,7 +118,7 @@ def build_loss(cfg: DictConfig) -> nn.Module:
 
 
 def targets_for(loss_name: str, targets: Tensor, num_outputs: int) -> Tensor:
-    """Return the loss's targets: class indices become one-hot floats for MSE; real-valued
+    """Return the loss's targets. Class indices become one-hot floats for MSE, and real-valued
     regression targets and class indices for cross-entropy are returned as they are."""
     if loss_name == "mse" and not targets.is_floating_point():
         return nn.functional.one_hot(targets, num_outputs).to(torch.float32)

@@ -62,7 +62,7 @@ def supported_layers() -> frozenset[type[nn.Module]]:
 
 
 def prepare_model(model: nn.Module, input_shape: Sequence[int], num_outputs: int) -> nn.Module:
-    """Check ``model`` for the curvature engine and extend it with BackPACK; return the model to use.
+    """Check ``model`` for the curvature engine, extend it with BackPACK and return the model to use.
 
     Steps, each logged where it changes something:
     1. A forward pass on zeros checks that inputs of ``input_shape`` give outputs ``[N, num_outputs]``.
@@ -109,7 +109,7 @@ def _preview(names: list[str], limit: int = 4) -> str:
 
 
 def _check_forward(model: nn.Module, input_shape: Sequence[int], num_outputs: int) -> dict[str, tuple[int, ...]]:
-    """Run the model on zeros; return the input shape of each ``AdaptiveAvgPool2d`` by module name."""
+    """Run the model on zeros, check its output shape and return the input size of each ``AdaptiveAvgPool2d``."""
     pool_inputs: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -180,7 +180,7 @@ def _needs_converter(model: nn.Module) -> bool:
 
 
 def _convert(model: nn.Module) -> GraphModule:
-    """Convert with BackPACK's converter; its compatibility warnings are reported by the caller's check."""
+    """Convert with BackPACK's converter, whose compatibility warnings the caller's check replaces."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Encountered node that may break")

@@ -24,7 +24,7 @@ FAST = ["train.steps=4", "train.eval_every=2", "train.log_every=1", "curvature.s
 
 
 def run_in_process(compose_config, tmp_path, overrides: list[str]) -> str:
-    """Run the harness in this process on the composed config; return the tracking URI."""
+    """Run the harness in this process on the composed config and return the tracking URI."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [*overrides, f"tracking.uri={uri}"]
     run(compose_config(overrides), tmp_path, overrides)
@@ -109,7 +109,7 @@ def test_fmnist_2c2d_runs_on_idx_files(tmp_path, compose_config, monkeypatch):
     assert found.data.params["dataset.root"] == "data"
     for group in ["conv1", "conv2", "fc1", "fc2"]:
         assert metrics[f"ggn/{group}/eigval_max"] > 0
-    # conv1 has 832 parameters, so it is small enough to be validated; fc1 is not.
+    # conv1 has 832 parameters, so it is small enough to be validated, but fc1 is not.
     assert metrics["validation/conv1/passed"] == 1.0
     assert "validation/fc1/passed" not in metrics
 
@@ -134,7 +134,7 @@ def test_cifar10_resnet_runs_on_pickles(tmp_path, monkeypatch, compose_config):
 
     (found,) = runs_of(uri, "cifar10_resnet")
     assert found.info.status == "FINISHED"
-    # 436 parameters (widths 2, 4; one block each): small enough to be validated.
+    # 436 parameters (widths 2 and 4, one block each) are small enough to be validated.
     assert found.data.metrics["validation/all/passed"] == 1.0
     assert "eval/accuracy" in found.data.metrics
 

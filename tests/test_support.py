@@ -133,3 +133,22 @@ def test_torchvision_resnet18_converted(caplog):
     assert not any(getattr(module, "inplace", False) for module in prepared.modules())
     assert "Converted ResNet" in caplog.text
     assert "BatchNorm layers" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "input_shape", "num_outputs"),
+    [
+        ("mlp", (10,), 1),
+        ("digits_cnn", (1, 8, 8), 10),
+        ("deepobs_2c2d", (1, 28, 28), 10),
+        ("deepobs_3c3d", (3, 32, 32), 10),
+        ("deepobs_allcnnc", (3, 32, 32), 100),
+        ("resnet", (3, 32, 32), 10),
+    ],
+)
+def test_experiment_models_supported(name, input_shape, num_outputs):
+    prepared = prepare_model(build_model(name, input_shape, num_outputs), input_shape, num_outputs)
+
+    supported = supported_layers()
+    called = [type(module) for module in prepared.modules() if not list(module.children())]
+    assert all(layer in supported for layer in called)

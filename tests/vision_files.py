@@ -27,7 +27,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def write_mnist(root: Path, name: str = "mnist", num_train: int = 40, num_test: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny MNIST-format set (28×28 images, labels 0–9); return its training arrays."""
+    """Write a tiny MNIST-format set (28×28 images, labels 0–9) and return its training arrays."""
     rng = np.random.default_rng(seed)
     raw = root / MNIST_FOLDERS[name] / "raw"
     raw.mkdir(parents=True)
@@ -42,7 +42,7 @@ def write_mnist(root: Path, name: str = "mnist", num_train: int = 40, num_test: 
 
 
 def write_cifar(root: Path, name: str = "cifar10", per_batch: int = 8, num_test: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny CIFAR-10 (5 training batches) or CIFAR-100 (one ``train`` file) set; return its training arrays.
+    """Write a tiny CIFAR-10 (5 training batches) or CIFAR-100 (one ``train`` file) set and return its training arrays.
 
     Images are rows of 3072 bytes (1024 red, 1024 green, 1024 blue, each row-major), as in the
     published pickles.
