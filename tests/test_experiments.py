@@ -4,10 +4,13 @@ import pytest
 import torchvision
 from hydra.errors import ConfigCompositionException
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 from conftest import REPO, run_cli
+from harness import models
 from harness.data import DatasetNotFoundError
 from harness.runner import run
+from harness.support import UnsupportedModelError
 from vision_files import cifar_checksums, write_cifar, write_mnist
 
 EXPERIMENTS = {
@@ -161,3 +164,14 @@ def test_mismatch_stops_before_run(tmp_path, compose_config, overrides, message)
     assert message in str(error.value)
     experiment = overrides[0].split("=")[1]
     assert runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", experiment) == []
+
+
+def test_unsupported_layer_stops_before_run(tmp_path, compose_config, monkeypatch):
+    def gelu_mlp(name, input_shape, num_outputs, **options):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, num_outputs))
+
+    monkeypatch.setattr(models, "build_model", gelu_mlp)
+
+    with pytest.raises(UnsupportedModelError, match="layer '2' of type GELU"):
+        run_in_process(compose_config, tmp_path, ["experiment=mlp_ce", *FAST])
+    assert runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", "mlp_ce") == []
