@@ -15,14 +15,19 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class DivergenceError(RuntimeError):
-    """Raised when the training loss is NaN or infinite; the run ends FAILED."""
+    """Raised when the training loss or a parameter is NaN or infinite; the run ends FAILED.
 
-    def __init__(self, step: int, loss: float) -> None:
+    Args:
+        step: Number of optimizer updates before the non-finite value appeared.
+        reason: What is not finite, e.g. "the training loss is nan".
+    """
+
+    def __init__(self, step: int, reason: str) -> None:
         self.step = step
-        self.loss = loss
+        self.reason = reason
         super().__init__(
-            f"Training diverged at step {step}: the training loss is {loss}. Lower optimizer.lr, "
-            "or resume from the last checkpoint with another seed in a new run."
+            f"Training diverged at step {step}: {reason}. Start a new run with a lower "
+            "optimizer.lr; checkpoints/last.pt holds the last model before the divergence."
         )
 
 

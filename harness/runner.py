@@ -296,6 +296,7 @@ def _train(
         guard.check()
         step = state.step
         if step in pending and not state.checkpoint_done:
+            _check_finite_params(model, step)
             state.rng = rng_states()
             _checkpoint(cfg, model, probe, tracker, step, guard)
             state.checkpoint_done, state.rng = True, None
@@ -320,7 +321,7 @@ def _train(
         loss_value = loss.item()
         if not np.isfinite(loss_value):
             tracker.log_metrics({"train/loss": loss_value}, step)
-            raise DivergenceError(step, loss_value)
+            raise DivergenceError(step, f"the training loss is {loss_value}")
         optimizer.step()
 
         if step % cfg.train.log_every == 0:
@@ -329,6 +330,13 @@ def _train(
         state.step, state.checkpoint_done = step + 1, False
         progress.update()
     progress.close()
+
+
+def _check_finite_params(model: nn.Module, step: int) -> None:
+    """Raise DivergenceError if a parameter has a NaN or infinite entry, which the GGN cannot use."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise DivergenceError(step, f"parameter {name} has NaN or infinite entries")
 
 
 def _checkpoint(cfg: DictConfig, model: nn.Module, probe: SpectrumProbe, tracker: Tracker, step: int, guard: SignalGuard) -> Spectrum:

@@ -133,7 +133,7 @@ def test_patterns_without_regex_grouping_rejected():
         build_param_groups(mlp(4, [3], 2, "relu"), "per_layer", {"a": r"fc1\..*"})
 
 
-def test_regex_grouping_from_command_line(compose_config, tmp_path):
+def test_regex_grouping_from_command_line(compose_config, tmp_path, sqlite_store):
     overrides = ["grouping=regex", r"+grouping.patterns={hidden:'fc1\..*'}"]
 
     run_id = start_run(compose_config, tmp_path, overrides)
@@ -187,7 +187,7 @@ def test_sqlite_store_not_writable_rejected(compose_config, tmp_path):
         start_run(compose_config, tmp_path, [], uri=f"sqlite:///{store}")
 
 
-def test_unwritable_artifact_location_rejected(compose_config, tmp_path):
+def test_unwritable_artifact_location_rejected(compose_config, tmp_path, sqlite_store):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, so no folder can be created below it")
