@@ -17,6 +17,10 @@ from harness.config import config_dir, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
+# MLflow 3 sends usage telemetry to its own servers; the tests talk to 127.0.0.1 only.
+# Subprocesses (the harness, mlflow server) inherit the setting.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 
 @pytest.fixture
 def compose_config() -> Callable[..., DictConfig]:

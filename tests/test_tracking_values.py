@@ -60,14 +60,14 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server(tmp_path, sqlite_store):
     """Start ``mlflow server`` on 127.0.0.1 with a SQLite store in ``tmp_path``; yield its URI."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log_file = open(tmp_path / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
+         "--backend-store-uri", sqlite_store, "--artifacts-destination", str(tmp_path / "artifacts")],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
