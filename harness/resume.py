@@ -55,15 +55,15 @@ def find_resumable_run(tracker: Tracker, run_id: str | None, mode: str, output_d
 
 
 def restore_training_state(
-    tracker: Tracker, model: nn.Module, optimizer: torch.optim.Optimizer, data_order: DataOrder
+    tracker: Tracker, run_id: str, model: nn.Module, optimizer: torch.optim.Optimizer, data_order: DataOrder
 ) -> TrainingState:
-    """Load the resumed run's ``checkpoints/last.pt`` into the model, optimizer and data order.
+    """Load the ``checkpoints/last.pt`` of run ``run_id`` into the model, optimizer and data order.
 
     A run interrupted before its first checkpoint has none: it restarts at step 0 from the seed,
     which gives the same results.
     """
-    data = tracker.download_bytes(CHECKPOINT_ARTIFACT)
+    data = tracker.download_bytes(CHECKPOINT_ARTIFACT, run_id)
     if data is None:
-        log.warning("Run %s has no %s: restarting it from step 0.", tracker.run_id, CHECKPOINT_ARTIFACT)
+        log.warning("Run %s has no %s: restarting it from step 0.", run_id, CHECKPOINT_ARTIFACT)
         return TrainingState(0, False, data_order)
     return load_checkpoint(data, model, optimizer, data_order)

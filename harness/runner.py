@@ -7,7 +7,7 @@ import random
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from harness.tracking import (
     tensor_bytes,
     ui_command,
 )
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -191,33 +194,18 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Pat
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["tracking"]["uri"] = uri
-    params = flatten(resolved)
-    # How a run was started is not part of its config: a resumed run keeps the params it has.
-    for key in ("tracking.resume", "tracking.resume_run_id"):
-        params.pop(key, None)
-    params.update({"param_groups": ",".join(param_groups), "num_params": sum(p.numel() for p in model.parameters())})
-
-    state = TrainingState(0, False, DataOrder.start(len(data.train_inputs), min(cfg.train.batch_size, len(data.train_inputs)), cfg.seed + 2))
+    params = _run_params(resolved, param_groups, model)
+    batch_size = min(cfg.train.batch_size, len(data.train_inputs))
+    state = TrainingState(0, False, DataOrder.start(len(data.train_inputs), batch_size, cfg.seed + 2))
     previous = find_resumable_run(tracker, cfg.tracking.resume_run_id, cfg.tracking.resume.value, output_dir)
     if previous is None:
-        tags = {"harness.overrides": " ".join(overrides) or "(none)", "mlflow.source.name": "python -m harness"}
-        commit = git_commit(Path(__file__).resolve().parent)
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        run_id = tracker.start(cfg.tracking.run_name, tags)
+        run_id = tracker.start(cfg.tracking.run_name, _start_tags(overrides))
         log.info("Started MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment, uri)
     else:
-        changed = tracker.changed_params(previous, params)
-        if changed:
-            listing = ", ".join(f"{key}: {stored!r} -> {value!r}" for key, (stored, value) in changed.items())
-            raise TrackingError(
-                f"Cannot resume run {previous.info.run_id}: its config differs in {listing}. Rerun "
-                "with the original values, or start a new run (without tracking.resume_run_id, "
-                "or with tracking.resume=never)."
-            )
-        tracker.resume(previous)
         run_id = previous.info.run_id
-        state = restore_training_state(tracker, model, optimizer, state.data_order)
+        _check_unchanged(tracker, previous, params)
+        state = restore_training_state(tracker, run_id, model, optimizer, state.data_order)
+        tracker.resume(previous)
         tracker.set_tags({"harness.resumed_at_step": str(state.step)})
         log.info("Resumed MLflow run %s at step %d in experiment %r at %s", run_id, state.step, cfg.tracking.experiment, uri)
     if output_dir is not None:
@@ -260,6 +248,38 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Pat
     print(f"Results: MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {uri}")
     print(f"Browse them: {ui_command(uri)}  then open {tracker.run_url()}")
     return run_id
+
+
+def _run_params(resolved: dict[str, Any], param_groups: dict[str, list], model: nn.Module) -> dict[str, Any]:
+    """Return the run's params: the flattened config, the group names and the parameter count."""
+    params = flatten(resolved)
+    # How a run was started is not part of its config: a resumed run keeps the params it has.
+    for key in ("tracking.resume", "tracking.resume_run_id"):
+        params.pop(key, None)
+    params["param_groups"] = ",".join(param_groups)
+    params["num_params"] = sum(p.numel() for p in model.parameters())
+    return params
+
+
+def _start_tags(overrides: list[str]) -> dict[str, str]:
+    """Return the tags of a new run: its overrides, its source and, in a git checkout, the commit."""
+    tags = {"harness.overrides": " ".join(overrides) or "(none)", "mlflow.source.name": "python -m harness"}
+    commit = git_commit(Path(__file__).resolve().parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _check_unchanged(tracker: Tracker, previous: "Run", params: dict[str, Any]) -> None:
+    """Raise TrackingError if ``params`` differ from those stored in the run to resume."""
+    changed = tracker.changed_params(previous, params)
+    if changed:
+        listing = ", ".join(f"{key}: {stored!r} -> {value!r}" for key, (stored, value) in changed.items())
+        raise TrackingError(
+            f"Cannot resume run {previous.info.run_id}: its config differs in {listing}. Rerun "
+            "with the original values, or start a new run (without tracking.resume_run_id, "
+            "or with tracking.resume=never)."
+        )
 
 
 def _train(

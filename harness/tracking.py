@@ -266,14 +266,16 @@ class Tracker:
                 changed[key] = (stored[key], str(value))
         return changed
 
-    def download_bytes(self, artifact_file: str) -> bytes | None:
-        """Return the content of the run's artifact ``artifact_file``, or None if it does not exist."""
-        folder, _, name = artifact_file.rpartition("/")
-        listed = {item.path for item in self.client.list_artifacts(self.run_id, folder or None)}
+    def download_bytes(self, artifact_file: str, run_id: str | None = None) -> bytes | None:
+        """Return the content of the artifact ``artifact_file`` of run ``run_id`` (default: this
+        tracker's run), or None if it does not exist."""
+        run_id = run_id or self.run_id
+        folder, _, _ = artifact_file.rpartition("/")
+        listed = {item.path for item in self.client.list_artifacts(run_id, folder or None)}
         if artifact_file not in listed:
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            local = self.client.download_artifacts(self.run_id, artifact_file, tmp)
+            local = self.client.download_artifacts(run_id, artifact_file, tmp)
             return Path(local).read_bytes()
 
     def log_params(self, params: Mapping[str, Any]) -> None:

@@ -92,7 +92,7 @@ def test_help_lists_groups(tmp_path):
     result = run_cli(["--help"], cwd=tmp_path)
 
     assert result.returncode == 0
-    assert "grouping: all, per_layer, per_param, weights_biases" in result.stdout
+    assert "grouping: all, per_layer, per_param, regex, weights_biases" in result.stdout
     assert "experiment: mlp_ce, mlp_mse" in result.stdout
 
 
