@@ -27,8 +27,8 @@ def main() -> None:
     try:
         _run()
     except KeyboardInterrupt as interrupt:
-        # The run is already KILLED and its checkpoint saved: exit as a shell expects after
-        # the signal (130 for SIGINT, 143 for SIGTERM), without a traceback.
+        # A run in progress is already KILLED, with its checkpoint saved. Exit with 128 plus
+        # the signal number (130 for SIGINT, 143 for SIGTERM), as shells expect, and no traceback.
         signum = getattr(interrupt, "signum", signal.SIGINT)
         sys.exit(128 + signum)
 

@@ -113,7 +113,7 @@ def _as_tuples(value: Any) -> Any:
 
 @dataclass
 class TrainingState:
-    """Where a run stands between two optimizer updates.
+    """Progress of a run between two optimizer updates.
 
     Attributes:
         step: Number of completed optimizer updates.

@@ -21,10 +21,11 @@ RESUMABLE_STATUSES = ("RUNNING", "KILLED", "FAILED")
 def find_resumable_run(tracker: Tracker, run_id: str | None, mode: str, output_dir: Path | None) -> Run | None:
     """Return the run to continue, or None to start a new one.
 
-    ``run_id`` (``tracking.resume_run_id``) names the run explicitly. Otherwise, with
-    ``mode="auto"``, an unfinished run whose id a previous job wrote into ``output_dir`` is
-    continued. A run counts as unfinished if it is RUNNING (its process died without ending it),
-    KILLED or FAILED.
+    ``run_id`` (``tracking.resume_run_id``) names a KILLED, FAILED or RUNNING run (RUNNING is
+    left behind by a process that died without ending its run). Otherwise, with ``mode="auto"``,
+    a KILLED or FAILED run whose id a previous job wrote into ``output_dir`` is continued. A
+    RUNNING run there is not, since its process may still be alive: two jobs started in the same
+    second share Hydra's default output folder.
 
     Raises:
         TrackingError: If ``run_id`` is not found, is in another experiment or already FINISHED.
@@ -46,6 +47,12 @@ def find_resumable_run(tracker: Tracker, run_id: str | None, mode: str, output_d
         run = tracker.find_run(recorded)
     except TrackingError as error:
         log.warning("Not resuming run %s recorded in %s: %s", recorded, record, error)
+        return None
+    if run.info.status == "RUNNING":
+        log.warning(
+            "Run %s recorded in %s is RUNNING, so another process may own it: starting a new run. "
+            "If its process died, resume it with tracking.resume_run_id=%s.", recorded, output_dir, recorded,
+        )
         return None
     if run.info.status not in RESUMABLE_STATUSES:
         log.info("Run %s recorded in %s is %s: starting a new run.", recorded, output_dir, run.info.status)

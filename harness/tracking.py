@@ -54,7 +54,7 @@ class TrackingError(RuntimeError):
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Check that a run can be stored at ``uri`` before anything is trained.
 
-    - ``http(s)://``: a server must answer at that address (any HTTP status counts as an answer).
+    - ``http(s)://``: a server must respond at that address, with any HTTP status.
     - ``sqlite:///PATH``: the folder of PATH must exist, and the file must open as a database.
     - ``file://PATH``: the folder must be creatable and writable.
     Other schemes are passed to MLflow unchecked.
@@ -72,12 +72,12 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
 
 
 def _check_server(uri: str, timeout: float) -> None:
-    """Raise TrackingError unless an HTTP server answers at ``uri``."""
+    """Raise TrackingError unless an HTTP server responds at ``uri``."""
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             pass
     except urllib.error.HTTPError:
-        return  # The server answered, if only with an error status: it is reachable.
+        return  # The server responded, if only with an error status, so it is reachable.
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise TrackingError(
@@ -109,7 +109,7 @@ def _check_sqlite(uri: str) -> None:
         ) from error
 
 
-def _check_writable_folder(folder: Path, what: str) -> None:
+def _check_writable_folder(folder: Path, description: str) -> None:
     """Raise TrackingError unless ``folder`` can be created and a file written in it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def _check_writable_folder(folder: Path, what: str) -> None:
             pass
     except OSError as error:
         raise TrackingError(
-            f"Cannot write to {folder}, the location of {what} ({error.strerror or error}): make "
+            f"Cannot write to {folder}, the location of {description} ({error.strerror or error}): make "
             "it writable, or use another tracking.experiment or tracking.uri."
         ) from error
 

@@ -20,7 +20,7 @@ from conftest import REPO
 from harness.checkpointing import CHECKPOINT_ARTIFACT
 from harness.faults import DivergenceError
 from harness.runner import run
-from harness.tracking import TrackingError
+from harness.tracking import Tracker, TrackingError
 
 # Seconds per checkpoint differ between runs, so they are left out of the comparisons.
 TIMINGS = {"ggn/compute_seconds", "validation/seconds"}
@@ -263,16 +263,61 @@ def test_sigint_during_training_then_auto_resume_matches(compose_config, tmp_pat
     assert_same_results(MlflowClient(sqlite_uri(reference)), reference_id, client, run_id)
 
 
-@pytest.mark.slow
 def test_resume_with_changed_config_rejected(compose_config, tmp_path, sqlite_store):
-    overrides = ["train.steps=100000", "curvature.schedule.kind=steps", "curvature.batch_size=4", "curvature.validate.enabled=false"]
-    harness = Harness([f"tracking.uri={sqlite_uri(tmp_path)}", *overrides], tmp_path)
-    harness.wait_for("Checkpoint step 0:")
-    harness.process.send_signal(signal.SIGTERM)
+    overrides = ["optimizer.lr=1e5", "train.steps=50", "curvature.schedule.kind=steps", "curvature.batch_size=4",
+                 "curvature.validate.enabled=false"]
+    with pytest.raises(DivergenceError):
+        run_in_process(compose_config, tmp_path, overrides)
+    run_id = only_run_id(sqlite_store)
+
+    changed = [*overrides, "optimizer.lr=0.1", f"tracking.resume_run_id={run_id}"]
+    with pytest.raises(TrackingError, match=rf"Cannot resume run {run_id}: its config differs in optimizer.lr: '100000.0' -> '0.1'"):
+        run_in_process(compose_config, tmp_path, changed)
+
+    assert MlflowClient(sqlite_store).get_run(run_id).info.status == "FAILED"
+
+
+def test_resumed_tracker_skips_stored_steps(sqlite_store):
+    first = Tracker(sqlite_store, "harness")
+    run_id = first.start(None, {})
+    first.log_metrics({"train/loss": 1.0}, step=0)
+    first.log_metrics({"train/loss": 2.0}, step=1)
+    first.end("KILLED")
+
+    second = Tracker(sqlite_store, "harness")
+    second.resume(second.find_run(run_id))
+    second.log_metrics({"train/loss": 2.0, "eval/loss": 5.0}, step=1)
+    second.log_metrics({"train/loss": 3.0}, step=2)
+    second.end("FINISHED")
+
+    client = MlflowClient(sqlite_store)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/loss")] == [(1, 5.0)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_running_run_resumable_by_id(compose_config, tmp_path, sqlite_store, one_thread):
+    output_dir = tmp_path / "outputs"
+    harness = Harness([f"tracking.uri={sqlite_store}", f"hydra.run.dir={output_dir}", *RESUMABLE], tmp_path)
+
+    harness.wait_for("Checkpoint step 200:")
+    harness.process.send_signal(signal.SIGKILL)
     harness.finish()
-    run_id = only_run_id(sqlite_uri(tmp_path))
 
-    with pytest.raises(TrackingError, match=rf"Cannot resume run {run_id}: its config differs in optimizer.lr: '0.1' -> '0.2'"):
-        run_in_process(compose_config, tmp_path, [*overrides, "optimizer.lr=0.2", f"tracking.resume_run_id={run_id}"])
+    client = MlflowClient(sqlite_store)
+    run_id = only_run_id(sqlite_store)
+    assert client.get_run(run_id).info.status == "RUNNING"
 
-    assert MlflowClient(sqlite_uri(tmp_path)).get_run(run_id).info.status == "KILLED"
+    # The same output folder does not resume a RUNNING run, whose process might still be alive.
+    other_id = run_in_process(compose_config, tmp_path, [*RESUMABLE, "train.steps=2"], output_dir)
+    assert other_id != run_id
+
+    assert run_in_process(compose_config, tmp_path, [*RESUMABLE, f"tracking.resume_run_id={run_id}"]) == run_id
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert int(resumed.data.tags["harness.resumed_at_step"]) in (100, 200)
+    for key, values in histories(client, run_id).items():
+        steps = [step for step, _ in values]
+        assert steps == sorted(set(steps)), f"duplicate steps of {key}"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(300))
