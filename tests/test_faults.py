@@ -2,6 +2,7 @@
 
 import io
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -17,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
-from harness.checkpointing import CHECKPOINT_ARTIFACT
+from harness.checkpointing import CHECKPOINT_ARTIFACT, DataOrder, TrainingState, checkpoint_bytes, load_checkpoint
 from harness.faults import DivergenceError
 from harness.runner import run
 from harness.tracking import Tracker, TrackingError
@@ -321,3 +322,21 @@ def test_sigkill_leaves_running_run_resumable_by_id(compose_config, tmp_path, sq
         steps = [step for step, _ in values]
         assert steps == sorted(set(steps)), f"duplicate steps of {key}"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(300))
+
+
+class Payload:
+    """A class that ``torch.load(..., weights_only=True)`` must refuse to unpickle."""
+
+
+def test_checkpoint_loader_rejects_pickled_objects():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    order = DataOrder.start(10, 2, seed=0)
+    valid = checkpoint_bytes(TrainingState(3, True, order), model, optimizer)
+    payload = torch.load(io.BytesIO(valid), weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({**payload, "extra": Payload()}, buffer)
+
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(buffer.getvalue(), model, optimizer, order)
+    assert load_checkpoint(valid, model, optimizer, order).step == 3
