@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def mlflow_server(tmp_path, sqlite_store):
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     while True:
@@ -79,12 +81,17 @@ def mlflow_server(tmp_path, sqlite_store):
                 break
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 raise AssertionError((tmp_path / "server.log").read_text())
             time.sleep(0.5)
     yield uri
-    process.terminate()
-    process.wait(timeout=60)
+    # The server runs uvicorn in a child process: stop the whole process group it leads.
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
     log_file.close()
 
 
