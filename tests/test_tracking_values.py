@@ -74,6 +74,7 @@ def mlflow_server(tmp_path, sqlite_store):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         start_new_session=True,
     )
+
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -84,7 +85,9 @@ def mlflow_server(tmp_path, sqlite_store):
                 os.killpg(process.pid, signal.SIGKILL)
                 raise AssertionError((tmp_path / "server.log").read_text())
             time.sleep(0.5)
+
     yield uri
+
     # The server runs uvicorn in a child process: stop the whole process group it leads.
     os.killpg(process.pid, signal.SIGTERM)
     try:
