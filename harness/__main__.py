@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 
@@ -20,9 +22,15 @@ def main() -> None:
         from harness.runner import run
 
         hydra_cfg = HydraConfig.get()
-        run(cfg, Path(hydra_cfg.runtime.cwd), list(hydra_cfg.overrides.task))
+        run(cfg, Path(hydra_cfg.runtime.cwd), list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
 
-    _run()
+    try:
+        _run()
+    except KeyboardInterrupt as interrupt:
+        # A run in progress is already KILLED, with its checkpoint saved. Exit with 128 plus
+        # the signal number (130 for SIGINT, 143 for SIGTERM), as shells expect, and no traceback.
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

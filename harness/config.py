@@ -78,6 +78,14 @@ class Grouping(str, Enum):
     per_layer = "per_layer"
     per_param = "per_param"
     weights_biases = "weights_biases"
+    regex = "regex"
+
+
+class Unmatched(str, Enum):
+    """What ``grouping=regex`` does with parameters that no pattern matches."""
+
+    rest = "rest"
+    ignore = "ignore"
 
 
 class OptimizerName(str, Enum):
@@ -99,6 +107,13 @@ class Precision(str, Enum):
 
     float32 = "float32"
     float64 = "float64"
+
+
+class ResumeMode(str, Enum):
+    """Whether a run recorded in Hydra's output folder is resumed when it is unfinished."""
+
+    auto = "auto"
+    never = "never"
 
 
 class ScheduleKind(str, Enum):
@@ -151,9 +166,12 @@ class LossConfig:
 
 @dataclass
 class GroupingConfig:
-    """Parameter grouping."""
+    """Parameter grouping. ``patterns`` (group name to a regular expression that must match
+    whole parameter names such as ``fc1.weight``) and ``unmatched`` apply to ``regex`` only."""
 
     name: Grouping = Grouping.all
+    patterns: dict[str, str] = field(default_factory=dict)
+    unmatched: Unmatched = Unmatched.rest
 
 
 @dataclass
@@ -225,6 +243,8 @@ class TrackingConfig:
     experiment: str = "harness"
     run_name: Optional[str] = None
     log_model: bool = True
+    resume: ResumeMode = ResumeMode.auto
+    resume_run_id: Optional[str] = None
 
 
 @dataclass

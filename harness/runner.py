@@ -7,7 +7,7 @@ import random
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,11 +18,26 @@ from tqdm.auto import tqdm
 
 from harness import data as datasets
 from harness import models
+from harness.checkpointing import CHECKPOINT_ARTIFACT, DataOrder, TrainingState, checkpoint_bytes, rng_states
+from harness.faults import DivergenceError, RunInterrupted, SignalGuard
 from harness.groups import build_param_groups
+from harness.resume import RUN_ID_FILE, find_resumable_run, restore_training_state
 from harness.schedule import checkpoint_steps
 from harness.spectrum import Spectrum, SpectrumProbe
 from harness.support import prepare_model
-from harness.tracking import Tracker, flatten, git_commit, resolve_tracking_uri, tensor_bytes, ui_command
+from harness.tracking import (
+    Tracker,
+    TrackingError,
+    check_tracking_uri,
+    flatten,
+    git_commit,
+    resolve_tracking_uri,
+    tensor_bytes,
+    ui_command,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +205,13 @@ def check_sizes(cfg: DictConfig) -> None:
         raise ValueError(f"Invalid model.hidden={list(cfg.model.hidden)}: every size must be at least 1.")
 
 
-def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
+def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Path | None = None) -> str:
     """Train the configured model and log its GGN spectra to MLflow; return the run id.
 
-    The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error, which is
-    re-raised after the status is recorded.
+    The run ends FINISHED on success, KILLED on SIGINT or SIGTERM (after saving the checkpoint
+    ``checkpoints/last.pt``) and FAILED on divergence or any other error, which is re-raised
+    after the status is recorded. ``output_dir`` (Hydra's output folder) records the run id, so
+    that rerunning into the same folder resumes an unfinished run (``tracking.resume=auto``).
     """
     check_sizes(cfg)
     steps = checkpoint_steps(
@@ -205,14 +222,14 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
         cfg.curvature.schedule.num,
     )
     device = resolve_device(cfg.device)
-    uri = resolve_tracking_uri(cfg.tracking.uri, launch_dir)
-    tracker = Tracker(uri, cfg.tracking.experiment)
 
     seed_everything(cfg.seed)
     data = build_data(cfg, launch_dir)
     model = build_model(cfg, data).to(device)
     loss_func = extend(build_loss(cfg))
-    param_groups = build_param_groups(model, cfg.grouping.name.value)
+    param_groups = build_param_groups(
+        model, cfg.grouping.name.value, dict(cfg.grouping.patterns), cfg.grouping.unmatched.value
+    )
     optimizer = build_optimizer(cfg, model)
     loss_name = cfg.loss.name.value
     num_outputs = data.num_outputs
@@ -235,34 +252,99 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
         atol=validate.atol,
     )
 
+    uri = resolve_tracking_uri(cfg.tracking.uri, launch_dir)
+    check_tracking_uri(uri)
+    tracker = Tracker(uri, cfg.tracking.experiment)
+    tracker.check_artifact_location()
+
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["tracking"]["uri"] = uri
-    tags = {"harness.overrides": " ".join(overrides) or "(none)", "mlflow.source.name": "python -m harness"}
-    commit = git_commit(Path(__file__).resolve().parent)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    run_id = tracker.start(cfg.tracking.run_name, tags)
-    log.info("Started MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment, uri)
+    params = _run_params(resolved, param_groups, model)
+    batch_size = min(cfg.train.batch_size, len(data.train_inputs))
+    state = TrainingState(0, False, DataOrder.start(len(data.train_inputs), batch_size, cfg.seed + 2))
+    previous = find_resumable_run(tracker, cfg.tracking.resume_run_id, cfg.tracking.resume.value, output_dir)
+    if previous is None:
+        run_id = tracker.start(cfg.tracking.run_name, _start_tags(overrides))
+        log.info("Started MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment, uri)
+    else:
+        run_id = previous.info.run_id
+        _check_unchanged(tracker, previous, params)
+        state = restore_training_state(tracker, run_id, model, optimizer, state.data_order)
+        tracker.resume(previous)
+        tracker.set_tags({"harness.resumed_at_step": str(state.step)})
+        log.info("Resumed MLflow run %s at step %d in experiment %r at %s", run_id, state.step, cfg.tracking.experiment, uri)
+    if output_dir is not None:
+        (output_dir / RUN_ID_FILE).write_text(run_id + "\n")
+
+    def save_checkpoint() -> None:
+        tracker.log_bytes(checkpoint_bytes(state, model, optimizer, state.rng), CHECKPOINT_ARTIFACT)
 
     status = "FAILED"
-    try:
-        tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
-        tracker.log_params(flatten(resolved))
-        tracker.log_params({"param_groups": ",".join(param_groups), "num_params": sum(p.numel() for p in model.parameters())})
-        _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name)
-        if cfg.tracking.log_model:
-            tracker.log_bytes(tensor_bytes(torch.save, model.state_dict()), "model/state_dict.pt")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
-        log.info("Run %s ended %s", run_id, status)
+    end_tags = {}
+    with SignalGuard() as guard:
+        try:
+            if previous is None:
+                tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
+            tracker.log_params(params)
+            _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name, state, guard, save_checkpoint)
+            if cfg.tracking.log_model:
+                tracker.log_bytes(tensor_bytes(torch.save, model.state_dict()), "model/state_dict.pt")
+            status = "FINISHED"
+            end_tags = {"harness.end_step": str(state.step), "harness.end_reason": "finished"}
+        except RunInterrupted as interrupt:
+            status = "KILLED"
+            reason = f"Interrupted by {interrupt.signal_name} at step {state.step}"
+            end_tags = {"harness.end_step": str(state.step), "harness.end_reason": reason}
+            save_checkpoint()
+            log.warning("%s: saved %s; resume with tracking.resume_run_id=%s", reason, CHECKPOINT_ARTIFACT, run_id)
+            raise
+        except Exception as error:
+            step = error.step if isinstance(error, DivergenceError) else state.step
+            end_tags = {"harness.end_step": str(step), "harness.end_reason": f"{type(error).__name__}: {error}"}
+            log.error("Run %s failed at step %d: %s", run_id, step, error)
+            raise
+        finally:
+            try:
+                tracker.set_tags(end_tags)
+            finally:
+                tracker.end(status)
+                log.info("Run %s ended %s", run_id, status)
 
     print(f"Results: MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {uri}")
     print(f"Browse them: {ui_command(uri)}  then open {tracker.run_url()}")
     return run_id
+
+
+def _run_params(resolved: dict[str, Any], param_groups: dict[str, list], model: nn.Module) -> dict[str, Any]:
+    """Return the run's params: the flattened config, the group names and the parameter count."""
+    params = flatten(resolved)
+    # How a run was started is not part of its config: a resumed run keeps the params it has.
+    for key in ("tracking.resume", "tracking.resume_run_id"):
+        params.pop(key, None)
+    params["param_groups"] = ",".join(param_groups)
+    params["num_params"] = sum(p.numel() for p in model.parameters())
+    return params
+
+
+def _start_tags(overrides: list[str]) -> dict[str, str]:
+    """Return the tags of a new run: its overrides, its source and, in a git checkout, the commit."""
+    tags = {"harness.overrides": " ".join(overrides) or "(none)", "mlflow.source.name": "python -m harness"}
+    commit = git_commit(Path(__file__).resolve().parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _check_unchanged(tracker: Tracker, previous: "Run", params: dict[str, Any]) -> None:
+    """Raise TrackingError if ``params`` differ from those stored in the run to resume."""
+    changed = tracker.changed_params(previous, params)
+    if changed:
+        listing = ", ".join(f"{key}: {stored!r} -> {value!r}" for key, (stored, value) in changed.items())
+        raise TrackingError(
+            f"Cannot resume run {previous.info.run_id}: its config differs in {listing}. Rerun "
+            "with the original values, or start a new run (without tracking.resume_run_id, "
+            "or with tracking.resume=never)."
+        )
 
 
 def _train(
@@ -276,20 +358,34 @@ def _train(
     probe: SpectrumProbe,
     tracker: Tracker,
     loss_name: str,
+    state: TrainingState,
+    guard: SignalGuard,
+    save_checkpoint: Any,
 ) -> None:
-    """Run ``cfg.train.steps`` optimizer updates with a checkpoint before each listed step."""
+    """Run optimizer updates from ``state.step`` to ``cfg.train.steps``, with a checkpoint before each listed step.
+
+    A signal takes effect at the top of the loop, between two updates, or during a GGN
+    computation. The checkpoint ``checkpoints/last.pt`` is saved after each spectrum is logged.
+
+    Raises:
+        DivergenceError: If the training loss is NaN or infinite.
+        RunInterrupted: If SIGINT or SIGTERM arrived.
+    """
     total = cfg.train.steps
-    batch_size = min(cfg.train.batch_size, len(data.train_inputs))
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    order = torch.randperm(len(data.train_inputs), generator=generator)
-    position = 0
     pending = set(checkpoints)
     num_outputs = data.num_outputs
     val_inputs, val_targets = data.val_inputs.to(device), data.val_targets.to(device)
+    progress = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=None, file=sys.stderr)
 
-    for step in tqdm(range(total + 1), desc="train", unit="step", disable=None, file=sys.stderr):
-        if step in pending:
-            _checkpoint(cfg, model, probe, tracker, step)
+    while True:
+        guard.check()
+        step = state.step
+        if step in pending and not state.checkpoint_done:
+            _check_finite_params(model, step)
+            state.rng = rng_states()
+            _checkpoint(cfg, model, probe, tracker, step, guard)
+            state.checkpoint_done, state.rng = True, None
+            save_checkpoint()
         if step % cfg.train.eval_every == 0 or step == total:
             if len(val_targets) > 0:
                 metrics = evaluate(model, loss_func, val_inputs, val_targets, loss_name, num_outputs)
@@ -297,11 +393,7 @@ def _train(
         if step == total:
             break
 
-        if position + batch_size > len(order):
-            order = torch.randperm(len(data.train_inputs), generator=generator)
-            position = 0
-        index = order[position : position + batch_size]
-        position += batch_size
+        index = state.data_order.next_batch()
         inputs = data.train_inputs[index].to(device)
         targets = data.train_targets[index].to(device)
 
@@ -311,17 +403,33 @@ def _train(
             outputs = model(inputs)
             loss = loss_func(outputs, targets_for(loss_name, targets, num_outputs))
             loss.backward()
+        loss_value = loss.item()
+        if not np.isfinite(loss_value):
+            tracker.log_metrics({"train/loss": loss_value}, step)
+            raise DivergenceError(step, f"the training loss is {loss_value}")
         optimizer.step()
 
         if step % cfg.train.log_every == 0:
-            metrics = {"loss": loss.item(), **accuracy_of(outputs, targets)}
+            metrics = {"loss": loss_value, **accuracy_of(outputs, targets)}
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step)
+        state.step, state.checkpoint_done = step + 1, False
+        progress.update()
+    progress.close()
 
 
-def _checkpoint(cfg: DictConfig, model: nn.Module, probe: SpectrumProbe, tracker: Tracker, step: int) -> Spectrum:
-    """Compute, validate and log the GGN spectrum at ``step``."""
+def _check_finite_params(model: nn.Module, step: int) -> None:
+    """Raise DivergenceError if a parameter has a NaN or infinite entry, which the GGN cannot use."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise DivergenceError(step, f"parameter {name} has NaN or infinite entries")
+
+
+def _checkpoint(cfg: DictConfig, model: nn.Module, probe: SpectrumProbe, tracker: Tracker, step: int, guard: SignalGuard) -> Spectrum:
+    """Compute, validate and log the GGN spectrum at ``step``; a signal interrupts the computation."""
     model.eval()
-    spectrum = probe.compute(model, step)
+    log.info("Computing the GGN spectrum at step %d", step)
+    with guard.interruptible():
+        spectrum = probe.compute(model, step)
     tracker.log_metrics(spectrum.metrics(cfg.curvature.top_k, cfg.curvature.threshold), step)
     tracker.log_bytes(spectrum.to_npz(), f"spectra/step_{step:07d}.npz")
     tracker.flush()

@@ -6,15 +6,18 @@ import io
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
@@ -42,6 +45,81 @@ def resolve_tracking_uri(configured: str | None, launch_dir: Path) -> str:
     if "://" not in uri:
         return (launch_dir / uri).resolve().as_uri()
     return uri
+
+
+class TrackingError(RuntimeError):
+    """Raised when the tracking store or the artifact location cannot be used."""
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Check that a run can be stored at ``uri`` before anything is trained.
+
+    - ``http(s)://``: a server must respond at that address, with any HTTP status.
+    - ``sqlite:///PATH``: the folder of PATH must exist, and the file must open as a database.
+    - ``file://PATH``: the folder must be creatable and writable.
+    Other schemes are passed to MLflow unchecked.
+
+    Raises:
+        TrackingError: Naming the URI, the cause and how to fix it.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout)
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    elif scheme == "file":
+        _check_writable_folder(Path(unquote(urlparse(uri).path)), f"tracking.uri={uri}")
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    """Raise TrackingError unless an HTTP server responds at ``uri``."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # The server responded, if only with an error status, so it is reachable.
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingError(
+            f"Cannot reach the MLflow tracking server at tracking.uri={uri} ({reason}). Start it "
+            "(for example 'mlflow server --host 127.0.0.1 --port 5000'), fix the address, or "
+            "store runs in a local file with tracking.uri=sqlite:///mlflow.db."
+        ) from error
+
+
+def _check_sqlite(uri: str) -> None:
+    """Raise TrackingError unless the SQLite database of ``uri`` can be opened for writing."""
+    path = Path(uri[len("sqlite:///") :])
+    if not path.parent.is_dir():
+        raise TrackingError(
+            f"The folder {path.parent} of tracking.uri={uri} does not exist: create it "
+            f"(mkdir -p {path.parent}) or point tracking.uri to a database in an existing folder."
+        )
+    try:
+        connection = sqlite3.connect(path, timeout=30)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.rollback()
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        raise TrackingError(
+            f"Cannot write the SQLite database of tracking.uri={uri} ({error}): make {path} and "
+            "its folder writable, or point tracking.uri to a writable location."
+        ) from error
+
+
+def _check_writable_folder(folder: Path, description: str) -> None:
+    """Raise TrackingError unless ``folder`` can be created and a file written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".harness-write-check-"):
+            pass
+    except OSError as error:
+        raise TrackingError(
+            f"Cannot write to {folder}, the location of {description} ({error.strerror or error}): make "
+            "it writable, or use another tracking.experiment or tracking.uri."
+        ) from error
 
 
 def ui_command(uri: str) -> str:
@@ -99,9 +177,13 @@ class Tracker:
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_name = experiment
         self.experiment_id = self._experiment_id(experiment)
         self.run_id: str | None = None
         self._pending: list[Metric] = []
+        # Steps already stored per metric key, filled when a run is resumed: a resumed run
+        # repeats the steps since its last checkpoint, and MLflow would store them twice.
+        self._logged_steps: dict[str, set[int]] = {}
 
     def _experiment_id(self, name: str) -> str:
         """Return the id of experiment ``name``, creating it if it does not exist.
@@ -129,27 +211,94 @@ class Tracker:
         safe_name = _INVALID_KEY_CHARACTERS.sub("_", experiment)
         return (store.parent / "mlartifacts" / safe_name).as_uri()
 
+    def check_artifact_location(self) -> None:
+        """Raise TrackingError unless the experiment's local artifact folder is writable.
+
+        Artifacts on a server (``mlflow-artifacts:``) or in cloud storage are not checked here.
+        """
+        location = self.client.get_experiment(self.experiment_id).artifact_location
+        parsed = urlparse(location)
+        if parsed.scheme in ("", "file"):
+            folder = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(location)
+            _check_writable_folder(folder, f"the artifacts of experiment {self.experiment_name!r}")
+
     def start(self, run_name: str | None, tags: Mapping[str, str]) -> str:
         """Start a run and return its id."""
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
         self.run_id = run.info.run_id
         return self.run_id
 
+    def find_run(self, run_id: str) -> Run:
+        """Return the run ``run_id`` of this tracker's experiment.
+
+        Raises:
+            TrackingError: If the run does not exist or belongs to another experiment.
+        """
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as error:
+            raise TrackingError(
+                f"No run with id {run_id!r} in {self.uri}: check tracking.resume_run_id and "
+                "tracking.uri (the run must be in the same store)."
+            ) from error
+        if run.info.experiment_id != self.experiment_id:
+            raise TrackingError(
+                f"Run {run_id} belongs to experiment id {run.info.experiment_id}, not to "
+                f"{self.experiment_name!r}: set tracking.experiment to the run's experiment."
+            )
+        return run
+
+    def resume(self, run: Run) -> None:
+        """Continue ``run``: mark it RUNNING again and skip metric steps it already stored."""
+        self.run_id = run.info.run_id
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._logged_steps[key] = {metric.step for metric in history}
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def changed_params(self, run: Run, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Return ``{key: (stored, new)}`` for params whose value differs from those stored in ``run``."""
+        stored = run.data.params
+        changed = {}
+        for key, value in params.items():
+            key = metric_key(key)
+            if key in stored and stored[key] != str(value):
+                changed[key] = (stored[key], str(value))
+        return changed
+
+    def download_bytes(self, artifact_file: str, run_id: str | None = None) -> bytes | None:
+        """Return the content of the artifact ``artifact_file`` of run ``run_id`` (default: this
+        tracker's run), or None if it does not exist."""
+        run_id = run_id or self.run_id
+        folder, _, _ = artifact_file.rpartition("/")
+        listed = {item.path for item in self.client.list_artifacts(run_id, folder or None)}
+        if artifact_file not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.client.download_artifacts(run_id, artifact_file, tmp)
+            return Path(local).read_bytes()
+
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Log params, skipping values longer than MLflow's limit (they stay in the config artifact)."""
+        """Log params. A key or value longer than MLflow's limits is stored as the artifact
+        ``params/<key>.txt`` instead, since MLflow would reject the whole batch."""
         entries = []
         for key, value in params.items():
             text = str(value)
             if len(text) > MAX_PARAM_VAL_LENGTH or len(key) > MAX_ENTITY_KEY_LENGTH:
+                artifact = f"params/{metric_key(key)[:200].replace('/', '_')}.txt"
                 log.warning(
-                    "Param %s (%d characters) exceeds MLflow's limit of %d: it is stored only "
-                    "in the config artifact.",
-                    key[:80],
-                    len(text),
-                    MAX_PARAM_VAL_LENGTH,
+                    "Param %s (key %d, value %d characters) exceeds MLflow's limits (key %d, "
+                    "value %d): it is stored as the artifact %s.",
+                    key[:80], len(key), len(text), MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, artifact,
                 )
+                self.log_text(f"{key}\n{text}\n", artifact)
                 continue
             entries.append(Param(metric_key(key), text))
+        if entries:
+            # A resumed run has its params already, checked by changed_params, and MLflow
+            # rejects a param that is logged again with another string form.
+            stored = self.client.get_run(self.run_id).data.params
+            entries = [entry for entry in entries if entry.key not in stored]
         for start in range(0, len(entries), 100):
             self.client.log_batch(self.run_id, params=entries[start : start + 100])
 
@@ -161,10 +310,14 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue metrics of ``step``; they are sent in batches by :meth:`flush`.
 
-        Non-finite values are sent as they are: MLflow stores NaN and ±inf.
+        Non-finite values are sent as they are. MLflow's SQL store (3.x) keeps NaN and stores
+        ±inf as ±1.7976931348623157e308, the largest float64. A step that a resumed run already
+        stored for a key is skipped.
         """
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
+            if step in self._logged_steps.get(key, ()):
+                continue
             self._pending.append(Metric(key, float(value), timestamp, step))
         if len(self._pending) >= METRICS_PER_BATCH:
             self.flush()

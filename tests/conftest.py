@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -16,6 +17,10 @@ from harness.config import config_dir, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
+# MLflow 3 sends usage telemetry to its own servers; the tests talk to 127.0.0.1 only.
+# Subprocesses (the harness, mlflow server) inherit the setting.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 
 @pytest.fixture
 def compose_config() -> Callable[..., DictConfig]:
@@ -27,6 +32,24 @@ def compose_config() -> Callable[..., DictConfig]:
             return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
     return _compose
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """Return a SQLite file with MLflow's tables, created once: creating them takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def sqlite_store(empty_store, tmp_path) -> str:
+    """Return the URI of a new MLflow SQLite store ``tmp_path/mlflow.db``."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(empty_store, path)
+    return f"sqlite:///{path}"
 
 
 def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -92,7 +92,7 @@ def test_help_lists_groups(tmp_path):
     result = run_cli(["--help"], cwd=tmp_path)
 
     assert result.returncode == 0
-    assert "grouping: all, per_layer, per_param, weights_biases" in result.stdout
+    assert "grouping: all, per_layer, per_param, regex, weights_biases" in result.stdout
     assert "experiment: cifar100_allcnnc, cifar10_3c3d, cifar10_resnet, diabetes_mlp, digits_cnn, fmnist_2c2d, mlp_ce, mlp_mse" in result.stdout
     assert "model: deepobs_2c2d, deepobs_3c3d, deepobs_allcnnc, digits_cnn, mlp, resnet, torchvision" in result.stdout
 
