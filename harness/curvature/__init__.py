@@ -6,10 +6,13 @@ returns tensors, so it can be used from a notebook.
 
 from harness.curvature.exact import exact_ggn
 from harness.curvature.gram import GramAccumulator, compute_grams, gram_eigvals
+from harness.curvature.eigen import GroupCurvature, compute_curvature
 from harness.curvature.validation import ValidationResult, compare_eigvals
 
 __all__ = [
     "GramAccumulator",
+    "GroupCurvature",
+    "compute_curvature",
     "ValidationResult",
     "compare_eigvals",
     "compute_grams",

@@ -24,6 +24,8 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 from backpack.utils.conv import unfold_by_conv
 
 PATHS = ("auto", "structured", "materialized")
+# Entries of one chunk of factor products [rows, N, L, R·N, L] in the structured weight Gram.
+CHUNK_ENTRIES = 2**24
 CONVOLUTIONS = (Conv1d, Conv2d, Conv3d)
 
 
@@ -44,7 +46,8 @@ def structured_cost(rows: int, num_samples: int, positions: int, out_features: i
     """Estimate the structured weight Gram of a layer with ``rows = R·N`` factor columns."""
     pairs = float(positions) ** 2
     flops = rows**2 * pairs * (out_features + 1) + num_samples**2 * pairs * in_features
-    memory = num_samples**2 * pairs + rows * num_samples * pairs
+    chunk = min(rows**2 * pairs, max(CHUNK_ENTRIES, rows * num_samples * pairs))
+    memory = num_samples**2 * pairs + chunk
     return PathCost(flops, memory)
 
 
@@ -110,7 +113,7 @@ def structured_weight_gram(inputs: Tensor, factor: Tensor, rows_per_chunk: int =
 
     input_gram = torch.einsum("nli,pmi->nlpm", inputs, inputs)
     if rows_per_chunk <= 0:
-        rows_per_chunk = max(1, 2**24 // (num_samples * positions * num_samples * positions))
+        rows_per_chunk = max(1, CHUNK_ENTRIES // (num_rows * (num_samples * positions) ** 2))
 
     gram = factor.new_empty(num_rows, num_samples, num_rows * num_samples)
     for start in range(0, num_rows, rows_per_chunk):
