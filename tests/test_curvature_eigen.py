@@ -7,6 +7,7 @@ from torch.func import functional_call, grad, vmap
 
 from harness.curvature import compute_curvature, exact_ggn
 from harness.curvature.exact import _without_hooks
+from harness.curvature.memory import MemoryBudgetError, estimate_memory
 
 
 def conv_problem(seed: int = 0, num_samples: int = 5):
@@ -198,3 +199,37 @@ def test_invalid_subsampling_rejected(subsampling):
     model, loss_func, inputs, labels = conv_problem()
     with pytest.raises(ValueError, match="Invalid subsampling"):
         compute_curvature(model, loss_func, inputs, labels, {"all": list(model.parameters())}, subsampling=subsampling)
+
+
+def test_memory_budget_error_names_estimate_and_options():
+    model, loss_func, inputs, labels = conv_problem()
+    with pytest.raises(MemoryBudgetError, match=r"estimated .* GB .*above the memory budget of 1e-06 GB.*batch_size"):
+        compute_curvature(model, loss_func, inputs, labels, {"all": list(model.parameters())}, memory_budget_gb=1e-6)
+
+
+def test_memory_estimate_grows_with_batch():
+    model, _, inputs, _ = conv_problem()
+    groups = {"all": list(model.parameters())}
+    small = estimate_memory(model, inputs, groups, factor_columns=4, subset_size=5)
+    large = estimate_memory(model, torch.cat([inputs] * 4), groups, factor_columns=4, subset_size=20)
+
+    # The two Gram matrices plus one eigendecomposition: 3 · (4·N)² float64 entries.
+    assert small.grams == 3 * 20**2 * 8
+    assert large.grams == 16 * small.grams
+    assert large.total > small.total
+
+
+def test_lanczos_fallback_matches_exact_top_k():
+    model, loss_func, inputs, labels = conv_problem(seed=6)
+    groups = {"conv": list(model[0].parameters()), "fc": list(model[3].parameters())}
+
+    results = compute_curvature(
+        model, loss_func, inputs, labels, groups, top_k=3, eigvecs=True, memory_budget_gb=1e-6, on_budget_exceeded="lanczos"
+    )
+
+    for name, params in groups.items():
+        exact_values, exact_vectors = exact_eigh(model, loss_func, inputs, labels, params)
+        assert results[name].method == "lanczos"
+        torch.testing.assert_close(results[name].selected, exact_values[:3], rtol=1e-6, atol=1e-10)
+        overlaps = (flat_eigvecs(results[name].eigvecs) @ exact_vectors[:, :3]).diagonal().abs()
+        torch.testing.assert_close(overlaps, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-5)

@@ -12,6 +12,7 @@ with the per-sample gradient column that the loss appends to the factor.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 from harness.curvature.gram import GramAccumulator, check_all_groups_computed, run_backward, zero_noise
+from harness.curvature.lanczos import lanczos_eigenpairs
+from harness.curvature.memory import BUDGET_ACTIONS, budget_error, check_budget, estimate_memory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,25 +33,29 @@ class GroupCurvature:
     """GGN spectrum of one parameter group and, optionally, what goes with its leading eigenpairs.
 
     Attributes:
-        eigvals: All Gram eigenvalues, descending, numerically zero ones as exactly 0.
+        eigvals: All Gram eigenvalues, descending, numerically zero ones as exactly 0 (only the
+            top-k ones with ``method="lanczos"``).
         selected: The selected eigenvalues λ_k, descending, all nonzero.
-        gram_eigvecs: The Gram eigenvectors u_k of the selected eigenvalues, [rows, K].
+        gram_eigvecs: The Gram eigenvectors u_k of the selected eigenvalues, [rows, K]; None
+            with ``method="lanczos"``.
         eigvecs: Eigenvectors e_k in parameter space, one [K, *p.shape] tensor per parameter
             of the group, jointly of unit norm per k; None unless requested.
         first_derivatives: γ_nk = g_nᵀ e_k as [N, K], g_n the gradient of sample n's loss.
         second_derivatives: λ_nk = e_kᵀ G_n e_k as [N, K], G_n the GGN of sample n's loss.
         gradient: Gradient g = mean_n g_n of the samples in the GGN, projected: gᵀ e_k as [K].
         gradient_norm: ‖g‖.
+        method: ``"gram"``, or ``"lanczos"`` after a fallback for the memory budget.
     """
 
     eigvals: Tensor
     selected: Tensor
-    gram_eigvecs: Tensor
+    gram_eigvecs: Tensor | None
     eigvecs: list[Tensor] | None = None
     first_derivatives: Tensor | None = None
     second_derivatives: Tensor | None = None
     gradient: Tensor | None = None
     gradient_norm: Tensor | None = None
+    method: str = "gram"
 
     @property
     def grad_overlap(self) -> float:
@@ -83,6 +92,8 @@ def compute_curvature(
     eigvecs: bool = False,
     directional_derivatives: bool = False,
     path: str = "auto",
+    memory_budget_gb: float | None = None,
+    on_budget_exceeded: str = "error",
 ) -> dict[str, GroupCurvature]:
     """Compute each group's GGN eigenvalues and, on request, eigenvectors and directional derivatives.
 
@@ -102,15 +113,40 @@ def compute_curvature(
         eigvecs: Map the selected eigenvectors to parameter space (a second backward pass).
         directional_derivatives: Compute γ_nk, λ_nk and the gradient projections.
         path: Gram path of Linear and convolution weights, see ``GramAccumulator``.
+        memory_budget_gb: Budget for the estimated peak memory of the backward pass; None for
+            no check.
+        on_budget_exceeded: ``"error"`` raises ``MemoryBudgetError``; ``"lanczos"`` computes
+            the ``top_k`` eigenpairs of each group matrix-free instead (no directional
+            derivatives).
 
     Raises:
         ValueError: If the loss, the batch shapes or the subsampling indices break the
             constraints of the method (see ``check_constraints``).
+        MemoryBudgetError: If the estimate exceeds the budget and ``on_budget_exceeded="error"``.
     """
     num_samples = inputs.shape[0]
     check_constraints(loss_func, inputs, targets, subsampling, directional_derivatives)
+    if on_budget_exceeded not in BUDGET_ACTIONS:
+        raise ValueError(f"Invalid on_budget_exceeded={on_budget_exceeded!r}: use one of {BUDGET_ACTIONS}.")
     subset_size = num_samples if subsampling is None else len(subsampling)
     scale = num_samples / subset_size
+
+    if memory_budget_gb is not None:
+        with torch.no_grad():
+            num_outputs = model(inputs[:1]).shape[1:].numel()
+        columns = (num_outputs if approximation == "exact" else mc_samples) + int(directional_derivatives)
+        estimate = estimate_memory(model, inputs, param_groups, columns, subset_size, dtype, path)
+        if not check_budget(estimate, memory_budget_gb):
+            if on_budget_exceeded == "error":
+                raise budget_error(estimate, memory_budget_gb)
+            log.warning(
+                "Gram computation needs an estimated %s, above the budget of %s GB: using Lanczos",
+                estimate.describe(),
+                memory_budget_gb,
+            )
+            return _lanczos_fallback(
+                model, loss_func, inputs, targets, param_groups, subsampling, top_k, min_eigval, directional_derivatives
+            )
 
     accumulator = GramAccumulator(
         param_groups, approximation, mc_samples, dtype, subsampling, with_gradient=directional_derivatives, path=path
@@ -138,6 +174,37 @@ def compute_curvature(
         _map_eigvecs(model, loss_func, inputs, targets, param_groups, accumulator, results, scale)
         _set_rng_state(inputs.device, rng_after)
     model.zero_grad(set_to_none=True)
+    return results
+
+
+def _lanczos_fallback(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    param_groups: Mapping[str, Sequence[Parameter]],
+    subsampling: Sequence[int] | None,
+    top_k: int | None,
+    min_eigval: float,
+    directional_derivatives: bool,
+) -> dict[str, GroupCurvature]:
+    """Compute each group's ``top_k`` eigenpairs with Lanczos on GGN-vector products."""
+    if top_k is None or directional_derivatives:
+        raise ValueError(
+            "The Lanczos fallback computes top_k eigenpairs only: set top_k and turn off "
+            "directional derivatives, or set on_budget_exceeded=error."
+        )
+    if subsampling is not None:
+        inputs, targets = inputs[list(subsampling)], targets[list(subsampling)]
+
+    results: dict[str, GroupCurvature] = {}
+    for name, params in param_groups.items():
+        eigvals, vectors = lanczos_eigenpairs(model, loss_func, inputs, targets, params, top_k)
+        eigvals = eigvals.clamp(min=0)
+        chosen = torch.nonzero((eigvals > 0) & (eigvals > min_eigval)).flatten()
+        pieces = vectors[chosen].split([p.numel() for p in params], dim=1)
+        eigvecs = [piece.reshape(-1, *p.shape) for piece, p in zip(pieces, params)]
+        results[name] = GroupCurvature(eigvals, eigvals[chosen], None, eigvecs=eigvecs, method="lanczos")
     return results
 
 
