@@ -82,16 +82,18 @@ class Precision(str, Enum):
 
 
 class GramPath(str, Enum):
-    """How Linear and convolution weights enter the Gram matrix: the cheaper path per layer, the
-    structured contraction of layer input and backpropagated factor, or BackPACK's V slice."""
+    """Gram path of Linear and convolution weights: the cheaper of structured and chunked per
+    layer, the contraction of layer input and backpropagated factor, V's slice built a few output
+    features at a time, or BackPACK's whole slice of V."""
 
     auto = "auto"
     structured = "structured"
+    chunked = "chunked"
     materialized = "materialized"
 
 
 class BudgetAction(str, Enum):
-    """What happens when the estimated memory exceeds ``curvature.memory_budget_gb``."""
+    """Action when the estimated memory exceeds ``curvature.memory_budget_gb``."""
 
     error = "error"
     lanczos = "lanczos"

@@ -39,7 +39,7 @@ def problem(case: str, seed: int = 0, num_samples: int = 3):
     return model, nn.CrossEntropyLoss(), inputs, labels
 
 
-@pytest.mark.parametrize("path", ["structured", "materialized"])
+@pytest.mark.parametrize("path", ["structured", "chunked", "materialized"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_path_matches_exact_per_layer(case, path):
     model, loss_func, inputs, labels = problem(case)
@@ -60,12 +60,14 @@ def test_paths_give_same_gram(case):
     groups = {"all": list(model.parameters())}
 
     structured = compute_grams(model, loss_func, inputs, labels, groups, path="structured")["all"]
+    chunked = compute_grams(model, loss_func, inputs, labels, groups, path="chunked")["all"]
     materialized = compute_grams(model, loss_func, inputs, labels, groups, path="materialized")["all"]
 
     torch.testing.assert_close(structured, materialized, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(chunked, materialized, rtol=1e-10, atol=1e-13)
 
 
-def test_auto_path_picks_structured_for_linear_and_materialized_for_wide_conv():
+def test_auto_path_picks_structured_for_linear_and_chunked_for_wide_conv():
     model, loss_func, inputs, labels = problem("conv2d")
     params = list(model.parameters())
     accumulator = GramAccumulator({"all": params})
@@ -75,11 +77,24 @@ def test_auto_path_picks_structured_for_linear_and_materialized_for_wide_conv():
 
     assert accumulator.paths[id(model[4].weight)] == "structured"
     # 4×4 output positions make the structured contraction cost 16² products per pair of rows,
-    # more than the 2·3·9 weights that the materialized path contracts.
-    assert accumulator.paths[id(model[0].weight)] == "materialized"
+    # more than the 3·2·9 weights that the chunked path contracts.
+    assert accumulator.paths[id(model[0].weight)] == "chunked"
 
 
 def test_unknown_path_rejected():
     model, loss_func, inputs, labels = problem("conv1d")
     with pytest.raises(ValueError, match="Invalid Gram path 'fast'"):
         compute_grams(model, loss_func, inputs, labels, {"all": list(model.parameters())}, path="fast")
+
+
+def test_chunked_path_splits_output_features(monkeypatch):
+    model, loss_func, inputs, labels = problem("conv2d", seed=2)
+    groups = {"all": list(model.parameters())}
+    reference = compute_grams(model, loss_func, inputs, labels, groups, path="materialized")["all"]
+    # conv1's slice of V has rows·I = 12·18 = 216 entries per output feature, so a limit of 200
+    # gives one feature per chunk.
+    monkeypatch.setattr("harness.curvature.structured.CHUNK_ENTRIES", 200)
+
+    chunked = compute_grams(model, loss_func, inputs, labels, groups, path="chunked")["all"]
+
+    torch.testing.assert_close(chunked, reference, rtol=1e-10, atol=1e-13)

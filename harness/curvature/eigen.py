@@ -37,7 +37,8 @@ class GroupCurvature:
             top-k ones with ``method="lanczos"``).
         selected: The selected eigenvalues λ_k, descending, all nonzero.
         gram_eigvecs: The Gram eigenvectors u_k of the selected eigenvalues, [rows, K]; None
-            with ``method="lanczos"``.
+            unless eigenvectors or directional derivatives were requested, and with
+            ``method="lanczos"``.
         eigvecs: Eigenvectors e_k in parameter space, one [K, *p.shape] tensor per parameter
             of the group, jointly of unit norm per k; None unless requested.
         first_derivatives: γ_nk = g_nᵀ e_k as [N, K], g_n the gradient of sample n's loss.
@@ -161,10 +162,14 @@ def compute_curvature(
     for name, extended in accumulator.grams.items():
         rows = extended.shape[0] - (subset_size if directional_derivatives else 0)
         gram = scale * extended[:rows, :rows]
-        eigvals, vectors = torch.linalg.eigh(gram)
-        eigvals, vectors = zero_noise(eigvals.flip(0), rows, dtype), vectors.flip(1)
+        if eigvecs or directional_derivatives:
+            eigvals, vectors = torch.linalg.eigh(gram)
+            vectors = vectors.flip(1)
+        else:
+            eigvals, vectors = torch.linalg.eigvalsh(gram), None
+        eigvals = zero_noise(eigvals.flip(0), rows, dtype)
         chosen = select_eigvals(eigvals, top_k, min_eigval, model_eps, name)
-        result = GroupCurvature(eigvals, eigvals[chosen], vectors[:, chosen])
+        result = GroupCurvature(eigvals, eigvals[chosen], None if vectors is None else vectors[:, chosen])
         if directional_derivatives:
             _add_directional_derivatives(result, extended, rows, num_samples, subset_size, scale)
         results[name] = result

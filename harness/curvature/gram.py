@@ -5,13 +5,13 @@ outputs factorizes as G = V Vᵀ with V of shape [D, N·C]. Its nonzero eigenval
 Gram matrix Vᵀ V of shape [N·C, N·C], which is small when D is large. BackPACK's ``SqrtGGNExact``
 and ``SqrtGGNMC`` extensions backpropagate the factor S of V to each module's output. For Linear
 and convolution layers, the module extensions here contract S with the layer input into the Gram
-matrix without building the layer's slice of V (see ``harness.curvature.structured``) when that
-is cheaper. For every other layer, BackPACK builds the parameter's slice of V and the extension
+matrix without building the layer's slice of V, or build that slice a few output features at a
+time, whichever is cheaper (see ``harness.curvature.structured``). For every other layer, BackPACK builds the parameter's slice of V and the extension
 hook contracts it and deletes it at once, so V of the whole net never exists in memory.
 
 Optionally the factor carries one extra column per sample, the gradient of the loss with respect
 to the model output. BackPACK backpropagates it like the other columns, so the Gram matrix then
-also holds the products of per-sample gradients with V and with each other.
+also contains the products of per-sample gradients with V and with each other.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ class GramAccumulator:
         dtype: Precision of the Gram matrices. The factor is cast to it before contraction.
         subsampling: Indices of the samples whose factor is computed; ``None`` for all.
         with_gradient: Append the per-sample gradient column to the factor.
-        path: ``"auto"`` (per layer, the cheaper of the two), ``"structured"`` (wherever it
-            applies) or ``"materialized"`` for Linear and convolution weights.
+        path: For Linear and convolution weights: ``"auto"`` (per layer, the cheaper of
+            structured and chunked), ``"structured"``, ``"chunked"`` (wherever they apply), or
+            ``"materialized"`` (BackPACK's whole slice of V, the reference).
 
     Raises:
         ValueError: If the approximation or path is unknown, ``mc_samples < 1``, a group is
@@ -208,6 +209,8 @@ def _gram_layer_rule(base: type, accumulator: GramAccumulator):
             elif accumulator.coefficients is not None:
                 projection = structured.structured_weight_vjp(inputs, factor, accumulator.coefficients[group])
                 accumulator.add_projection(param, projection.flatten(start_dim=1).T)
+            elif path == "chunked":
+                accumulator.add_gram(group, structured.chunked_weight_gram(inputs, factor))
             else:
                 accumulator.add_gram(group, structured.structured_weight_gram(inputs, factor))
 
@@ -222,9 +225,11 @@ def _weight_path(module: Module, backproped: Tensor, requested: str) -> str:
         return "structured"
     positions, out_features, in_features = structured.layer_dims(module)
     rows, num_samples = backproped.shape[0] * backproped.shape[1], backproped.shape[1]
+    if requested == "chunked":
+        return "chunked"
     return structured.choose_path(
         structured.structured_cost(rows, num_samples, positions, out_features, in_features),
-        structured.materialized_cost(rows, positions, out_features, in_features),
+        structured.chunked_cost(rows, positions, out_features, in_features),
     )
 
 

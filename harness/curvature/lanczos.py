@@ -1,8 +1,8 @@
 """Matrix-free top-k GGN eigenpairs: Lanczos (scipy ``eigsh``) on GGN-vector products.
 
-The fallback when the Gram matrix does not fit the memory budget: it stores a few vectors of
-the group's size instead of anything of size N·C, at the price of two Jacobian products and one
-loss-Hessian product per Lanczos iteration.
+This is the fallback when the Gram matrix does not fit the memory budget. It stores a few vectors
+of the group's size and nothing of size N·C. Each Lanczos iteration costs two Jacobian products
+and one loss-Hessian product.
 """
 
 from __future__ import annotations

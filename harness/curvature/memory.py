@@ -137,8 +137,7 @@ def _layer_entries(
         positions = output_shape[2:].numel()
         out_features, in_features = module.out_channels, param.shape[1:].numel()
     structured_cost = structured.structured_cost(rows, num_samples, positions, out_features, in_features)
-    materialized_cost = structured.materialized_cost(rows, positions, out_features, in_features)
-    if path == "structured":
-        return structured_cost.memory
-    chosen = structured.choose_path(structured_cost, materialized_cost)
-    return structured_cost.memory if chosen == "structured" else materialized_cost.memory
+    chunked_cost = structured.chunked_cost(rows, positions, out_features, in_features)
+    if path == "auto":
+        path = structured.choose_path(structured_cost, chunked_cost)
+    return structured_cost.memory if path == "structured" else chunked_cost.memory

@@ -1,16 +1,20 @@
 """Per-layer contributions to the Gram matrix and to V-vector products, with and without V.
 
-For a layer that maps an input X of shape [N, L, I] (L leading positions: the tokens of a Linear
-layer with extra dimensions, the output pixels of an unfolded convolution) to an output with O
-features, let S of shape [R, N, L, O] be the factor that BackPACK backpropagates to the output (R
-columns per sample: C classes, M Monte-Carlo samples). The layer's slice of V, column (r, n), is
+Consider a layer that maps an input X of shape [N, L, I] to an output with O features at each of
+L positions (the leading dimensions of a Linear layer, the output pixels of an unfolded
+convolution). Let S of shape [R, N, L, O] be the factor that BackPACK backpropagates to the
+output, with R columns per sample (C classes, or M Monte-Carlo samples). The layer's slice of V, column (r, n), is
 V_W[r, n] = Σ_l S[r, n, l] ⊗ X[n, l], so its Gram matrix is
 
     Gram_W[(r, n), (r', n')] = Σ_{l, l'} (S[r, n, l] · S[r', n', l']) (X[n, l] · X[n', l']),
 
 which for L = 1 is (S Sᵀ) ⊙ (X Xᵀ) and never needs the [R·N, O·I] slice V_W itself. The bias
-slice is V_b[r, n] = Σ_l S[r, n, l]. ``choose_path`` compares the FLOPs and memory of this
-structured contraction with building V_W (the materialized path) and picks the cheaper one.
+slice is V_b[r, n] = Σ_l S[r, n, l].
+
+The chunked path builds V_W for a few output features o at a time and adds V_W,o V_W,oᵀ: the
+Gram matrix is a sum over parameter entries, so any split of them works, and memory stays bounded
+by ``CHUNK_ENTRIES``. The materialized path is BackPACK's: the whole slice V_W at once.
+``choose_path`` picks the structured or the chunked path, whichever needs fewer FLOPs.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from backpack.utils.conv import unfold_by_conv
 
-PATHS = ("auto", "structured", "materialized")
-# Entries of one chunk of factor products [rows, N, L, R·N, L] in the structured weight Gram.
+PATHS = ("auto", "structured", "chunked", "materialized")
+# Entries of one chunk: factor products [rows, N, L, R·N, L] in the structured weight Gram, or
+# a slice of V_W in the chunked path (64 MiB in float32).
 CHUNK_ENTRIES = 2**24
 CONVOLUTIONS = (Conv1d, Conv2d, Conv3d)
 
@@ -52,17 +57,23 @@ def structured_cost(rows: int, num_samples: int, positions: int, out_features: i
 
 
 def materialized_cost(rows: int, positions: int, out_features: int, in_features: int) -> PathCost:
-    """Estimate building V_W of shape [rows, O·I] and contracting it to V_W V_Wᵀ."""
+    """Estimate building V_W of shape [rows, O·I] at once and contracting it to V_W V_Wᵀ."""
     weight_size = float(out_features) * in_features
     flops = rows * positions * weight_size + rows**2 * weight_size
     return PathCost(flops, rows * weight_size)
 
 
-def choose_path(structured: PathCost, materialized: PathCost) -> str:
-    """Pick the structured path when it needs fewer FLOPs and no more memory, else materialize."""
-    if structured.flops <= materialized.flops and structured.memory <= materialized.memory:
+def chunked_cost(rows: int, positions: int, out_features: int, in_features: int) -> PathCost:
+    """Estimate the chunked path: the materialized FLOPs, at most one chunk of V_W in memory."""
+    cost = materialized_cost(rows, positions, out_features, in_features)
+    return PathCost(cost.flops, min(cost.memory, max(CHUNK_ENTRIES, rows * in_features)))
+
+
+def choose_path(structured: PathCost, chunked: PathCost) -> str:
+    """Pick the structured path when it needs fewer FLOPs and no more memory, else the chunked one."""
+    if structured.flops <= chunked.flops and structured.memory <= max(chunked.memory, CHUNK_ENTRIES):
         return "structured"
-    return "materialized"
+    return "chunked"
 
 
 def layer_input_and_factor(module: Module, factor: Tensor) -> tuple[Tensor, Tensor]:
@@ -93,7 +104,7 @@ def layer_dims(module: Module) -> tuple[int, int, int]:
 
 
 def supports_structured(module: Module) -> bool:
-    """Whether the structured weight path applies: Linear, or a convolution without groups."""
+    """Check whether the structured weight path applies: Linear, or a convolution without groups."""
     return isinstance(module, Linear) or (isinstance(module, CONVOLUTIONS) and module.groups == 1)
 
 
@@ -126,6 +137,20 @@ def structured_weight_gram(inputs: Tensor, factor: Tensor, rows_per_chunk: int =
     return gram.reshape(num_rows * num_samples, num_rows * num_samples)
 
 
+def chunked_weight_gram(inputs: Tensor, factor: Tensor) -> Tensor:
+    """Contract X [N, L, I] and S [R, N, L, O] into the weight Gram matrix, building V_W by output features."""
+    num_rows, num_samples, _, out_features = factor.shape
+    rows = num_rows * num_samples
+    features_per_chunk = max(1, CHUNK_ENTRIES // (rows * inputs.shape[2]))
+
+    gram = factor.new_zeros(rows, rows)
+    for start in range(0, out_features, features_per_chunk):
+        block = factor[..., start : start + features_per_chunk]
+        slice_of_v = torch.einsum("anlo,nli->anoi", block, inputs).reshape(rows, -1)
+        gram.addmm_(slice_of_v, slice_of_v.T)
+    return gram
+
+
 def structured_bias_factor(factor: Tensor) -> Tensor:
     """Return the bias slice of V, Σ_l S[r, n, l], as [R·N, O]."""
     return factor.sum(dim=2).flatten(end_dim=1)
@@ -133,6 +158,15 @@ def structured_bias_factor(factor: Tensor) -> Tensor:
 
 def structured_weight_vjp(inputs: Tensor, factor: Tensor, coefficients: Tensor) -> Tensor:
     """Return V_Wᵀ U as [K, O, I] for U of shape [R·N, K], without building V_W."""
-    num_rows, num_samples = factor.shape[:2]
-    mixed = torch.einsum("ank,anlo->knlo", coefficients.reshape(num_rows, num_samples, -1), factor)
-    return torch.einsum("knlo,nli->koi", mixed, inputs)
+    num_rows, num_samples, positions, out_features = factor.shape
+    coefficients = coefficients.reshape(num_rows, num_samples, -1)
+    vectors_per_chunk = max(1, CHUNK_ENTRIES // (num_samples * positions * out_features))
+
+    pieces = []
+    for start in range(0, coefficients.shape[2], vectors_per_chunk):
+        block = coefficients[..., start : start + vectors_per_chunk]
+        mixed = torch.einsum("ank,anlo->knlo", block, factor)
+        pieces.append(torch.einsum("knlo,nli->koi", mixed, inputs))
+    if not pieces:
+        return factor.new_zeros(0, out_features, inputs.shape[2])
+    return torch.cat(pieces)
