@@ -246,3 +246,15 @@ def test_lanczos_fallback_matches_exact_top_k():
         torch.testing.assert_close(results[name].selected, exact_values[:3], rtol=1e-6, atol=1e-10)
         overlaps = (flat_eigvecs(results[name].eigvecs) @ exact_vectors[:, :3]).diagonal().abs()
         torch.testing.assert_close(overlaps, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_memory_estimate_accepts_batchnorm_in_training():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double().train()
+    inputs = torch.randn(8, 4, dtype=torch.float64)
+
+    estimate = estimate_memory(model, inputs, {"all": list(model.parameters())}, factor_columns=3, subset_size=8)
+
+    # Both Linear layers take the structured path: X Xᵀ (8²) and S Sᵀ ((3·8)²) float64 entries,
+    # more than BatchNorm's slices of V (3·8 · 6 entries each).
+    assert estimate.layer == (8**2 + 24**2) * 8
+    assert estimate.total > estimate.grams

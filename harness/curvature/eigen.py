@@ -134,7 +134,7 @@ def compute_curvature(
 
     if memory_budget_gb is not None:
         with torch.no_grad():
-            num_outputs = model(inputs[:1]).shape[1:].numel()
+            num_outputs = model(inputs[:2]).shape[1:].numel()
         columns = (num_outputs if approximation == "exact" else mc_samples) + int(directional_derivatives)
         estimate = estimate_memory(model, inputs, param_groups, columns, subset_size, dtype, path)
         if not check_budget(estimate, memory_budget_gb):

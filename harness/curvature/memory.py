@@ -57,11 +57,14 @@ def estimate_memory(
     dtype: torch.dtype = torch.float64,
     path: str = "auto",
 ) -> MemoryEstimate:
-    """Estimate the peak memory of ``compute_curvature``'s backward pass from one sample's forward pass.
+    """Estimate the peak memory of ``compute_curvature``'s backward pass from a forward pass of 2 samples.
+
+    NOTE: The parts are the tensors that the passes keep alive at once by construction. Their sum
+    has not been compared with measured peak memory.
 
     Args:
         model: The network.
-        inputs: The batch; only its first sample is run, without gradients.
+        inputs: The batch; only its first two samples are run, without gradients.
         param_groups: Group name to parameters.
         factor_columns: Factor columns per sample R: the number of outputs C for the exact
             GGN, ``mc_samples`` for MC, plus 1 with the gradient column.
@@ -69,7 +72,7 @@ def estimate_memory(
         dtype: Precision of the Gram matrices.
         path: Gram path of Linear and convolution weights.
     """
-    sizes = _module_sizes(model, inputs[:1])
+    sizes = _module_sizes(model, inputs[:2])
     model_bytes = next(model.parameters()).element_size()
     gram_bytes = torch.empty((), dtype=dtype).element_size()
     rows = factor_columns * subset_size
@@ -105,18 +108,21 @@ def budget_error(estimate: MemoryEstimate, budget_gb: float) -> MemoryBudgetErro
     )
 
 
-def _module_sizes(model: Module, sample: Tensor) -> list[tuple[Module, int, torch.Size]]:
-    """Run one sample and return (module, input numel, output shape) for every leaf module."""
+def _module_sizes(model: Module, samples: Tensor) -> list[tuple[Module, int, torch.Size]]:
+    """Run ``samples`` and return (module, input numel, output shape) per sample for every leaf module.
+
+    Two samples, not one, because BatchNorm in training mode rejects a batch of one.
+    """
     sizes: list[tuple[Module, int, torch.Size]] = []
 
     def record(module: Module, args: tuple, output: Tensor) -> None:
-        sizes.append((module, args[0].numel(), output.shape))
+        sizes.append((module, args[0][0].numel(), output.shape[1:]))
 
     leaves = [module for module in model.modules() if not list(module.children())]
     handles = [module.register_forward_hook(record) for module in leaves]
     try:
         with torch.no_grad():
-            model(sample)
+            model(samples)
     finally:
         for handle in handles:
             handle.remove()
@@ -134,7 +140,7 @@ def _layer_entries(
         positions = in_size // module.in_features
         out_features, in_features = module.out_features, module.in_features
     else:
-        positions = output_shape[2:].numel()
+        positions = output_shape[1:].numel()
         out_features, in_features = module.out_channels, param.shape[1:].numel()
     structured_cost = structured.structured_cost(rows, num_samples, positions, out_features, in_features)
     chunked_cost = structured.chunked_cost(rows, positions, out_features, in_features)
