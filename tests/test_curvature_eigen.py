@@ -258,3 +258,13 @@ def test_memory_estimate_accepts_batchnorm_in_training():
     # more than BatchNorm's slices of V (3·8 · 6 entries each).
     assert estimate.layer == (8**2 + 24**2) * 8
     assert estimate.total > estimate.grams
+
+
+def test_batch_axis_not_first_in_output_rejected():
+    torch.manual_seed(0)
+    # The model reshapes its [5, 4] output to [4, 5], so the first axis is no longer the batch.
+    model = nn.Sequential(nn.Linear(3, 4), nn.Flatten(start_dim=0), nn.Unflatten(0, (4, 5))).double()
+    inputs = torch.randn(5, 3, dtype=torch.float64)
+
+    with pytest.raises(ValueError, match=r"Invalid model output shape \(4, 5\) .* batch axis first"):
+        compute_curvature(model, nn.MSELoss(), inputs, torch.zeros(5, 4, dtype=torch.float64), {"all": list(model.parameters())})

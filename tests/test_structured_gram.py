@@ -67,7 +67,7 @@ def test_paths_give_same_gram(case):
     torch.testing.assert_close(chunked, materialized, rtol=1e-10, atol=1e-13)
 
 
-def test_auto_path_picks_structured_for_linear_and_chunked_for_wide_conv():
+def test_auto_path_chosen_per_layer():
     model, loss_func, inputs, labels = problem("conv2d")
     params = list(model.parameters())
     accumulator = GramAccumulator({"all": params})

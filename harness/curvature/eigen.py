@@ -248,7 +248,10 @@ def check_constraints(
     if min(indices) < 0 or max(indices) >= num_samples:
         raise ValueError(f"Invalid subsampling {indices}: indices must be in [0, {num_samples}).")
     if directional_derivatives and len(indices) < 2:
-        raise ValueError("Directional derivatives need at least 2 samples for their variance.")
+        raise ValueError(
+            f"Invalid subsampling {indices} with directional derivatives: use at least 2 samples, "
+            "the variance of λ_nk needs them."
+        )
 
 
 def select_eigvals(eigvals: Tensor, top_k: int | None, min_eigval: float, model_eps: float, group: str) -> Tensor:

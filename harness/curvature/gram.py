@@ -270,7 +270,13 @@ def run_backward(
     accumulator.reset()
 
     model.zero_grad(set_to_none=True)
-    loss = loss_func(model(inputs), targets)
+    outputs = model(inputs)
+    if outputs.dim() != 2 or outputs.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"Invalid model output shape {tuple(outputs.shape)} for inputs of shape {tuple(inputs.shape)}: "
+            "the Gram method needs outputs [N, C] with the batch axis first, as the inputs."
+        )
+    loss = loss_func(outputs, targets)
     with backpack(accumulator.extension(), extension_hook=accumulator.hook):
         loss.backward()
     return loss.detach()
