@@ -34,7 +34,7 @@ def ggn_matvec(
     group = {name: frozen[name] for name in names}
     shapes = [group[name].shape for name in names]
     sizes = [shape.numel() for shape in shapes]
-    dtype = group[names[0]].dtype
+    dtype, device = group[names[0]].dtype, group[names[0]].device
 
     def outputs_of(group_params: dict[str, Tensor]) -> Tensor:
         return functional_call(model, {**frozen, **group_params}, (inputs,))
@@ -43,13 +43,13 @@ def ggn_matvec(
     loss_gradient = grad(lambda out: loss_func(out, targets))
 
     def matvec(vector: np.ndarray) -> np.ndarray:
-        pieces = torch.from_numpy(np.asarray(vector).ravel()).to(dtype).split(sizes)
+        pieces = torch.from_numpy(np.asarray(vector).ravel()).to(device=device, dtype=dtype).split(sizes)
         tangent = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
         _, output_tangent = jvp(outputs_of, (group,), (tangent,))
         _, hessian_tangent = jvp(loss_gradient, (outputs,), (output_tangent,))
         (product,) = pullback(hessian_tangent)
         flat = torch.cat([product[name].flatten() for name in names])
-        return flat.detach().double().numpy()
+        return flat.detach().double().cpu().numpy()
 
     return matvec, sum(sizes)
 
@@ -67,7 +67,8 @@ def lanczos_eigenpairs(
     """Compute the ``top_k`` largest GGN eigenvalues and eigenvectors of ``params`` with ``eigsh``.
 
     Returns:
-        Eigenvalues [top_k], descending, and eigenvectors [top_k, D] (float64, unit norm).
+        Eigenvalues [top_k], descending, and eigenvectors [top_k, D] (float64 on the CPU, unit
+        norm).
 
     Raises:
         ValueError: If ``top_k`` is not in [1, D - 1], the range ARPACK supports.
