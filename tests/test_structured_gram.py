@@ -98,3 +98,12 @@ def test_chunked_path_splits_output_features(monkeypatch):
     chunked = compute_grams(model, loss_func, inputs, labels, groups, path="chunked")["all"]
 
     torch.testing.assert_close(chunked, reference, rtol=1e-10, atol=1e-13)
+
+
+def test_no_factor_left_on_parameters():
+    model, loss_func, inputs, labels = problem("conv2d")
+
+    compute_grams(model, loss_func, inputs, labels, {"all": list(model.parameters())})
+
+    for name, param in model.named_parameters():
+        assert not hasattr(param, "sqrt_ggn_exact"), name

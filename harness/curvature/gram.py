@@ -134,11 +134,13 @@ class GramAccumulator:
     def hook(self, module: Module) -> None:
         """Contract the materialized factors of ``module``'s own parameters, then free them."""
         for param in module.parameters(recurse=False):
-            factor = getattr(param, self.savefield, None)
-            if factor is None:
+            if not hasattr(param, self.savefield):
                 continue
+            # The Linear and convolution rules store None: their contribution is already added.
+            factor = getattr(param, self.savefield)
             delattr(param, self.savefield)
-            self.add_factor(param, factor.flatten(start_dim=2).flatten(end_dim=1))
+            if factor is not None:
+                self.add_factor(param, factor.flatten(start_dim=2).flatten(end_dim=1))
 
     def group_of(self, param: Parameter) -> str | None:
         """Return the group of ``param``, or None if it is in no group."""
