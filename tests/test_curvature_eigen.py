@@ -268,3 +268,13 @@ def test_batch_axis_not_first_in_output_rejected():
 
     with pytest.raises(ValueError, match=r"Invalid model output shape \(4, 5\) .* batch axis first"):
         compute_curvature(model, nn.MSELoss(), inputs, torch.zeros(5, 4, dtype=torch.float64), {"all": list(model.parameters())})
+
+
+def test_results_follow_group_order():
+    model, loss_func, inputs, labels = conv_problem()
+    # BackPACK visits the last layer first, so the Gram matrices are filled in reverse order.
+    groups = {"conv": list(model[0].parameters()), "fc": list(model[3].parameters())}
+
+    results = compute_curvature(model, loss_func, inputs, labels, groups)
+
+    assert list(results) == ["conv", "fc"]

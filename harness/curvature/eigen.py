@@ -159,7 +159,8 @@ def compute_curvature(
     model_eps = torch.finfo(next(iter(param_groups.values()))[0].dtype).eps
 
     results: dict[str, GroupCurvature] = {}
-    for name, extended in accumulator.grams.items():
+    for name in accumulator.group_names:
+        extended = accumulator.grams[name]
         rows = extended.shape[0] - (subset_size if directional_derivatives else 0)
         gram = scale * extended[:rows, :rows]
         if eigvecs or directional_derivatives:
