@@ -116,6 +116,24 @@ class ResumeMode(str, Enum):
     never = "never"
 
 
+class GramPath(str, Enum):
+    """Gram path of Linear and convolution weights: the cheaper of structured and chunked per
+    layer, the contraction of layer input and backpropagated factor, V's slice built a few output
+    features at a time, or BackPACK's whole slice of V."""
+
+    auto = "auto"
+    structured = "structured"
+    chunked = "chunked"
+    materialized = "materialized"
+
+
+class BudgetAction(str, Enum):
+    """Action when the estimated memory exceeds ``curvature.memory_budget_gb``."""
+
+    error = "error"
+    lanczos = "lanczos"
+
+
 class ScheduleKind(str, Enum):
     """How checkpoint steps are chosen: listed, every k steps, or log-spaced."""
 
@@ -222,14 +240,27 @@ class ValidationConfig:
 
 @dataclass
 class CurvatureConfig:
-    """GGN spectrum computation at checkpoints."""
+    """GGN spectrum computation at checkpoints.
+
+    ``subsampling`` (null: all) takes the GGN from the first that many samples of the curvature
+    batch, as the GGN of their mean loss. ``top_k`` leading eigenpairs above ``min_eigval`` are
+    selected for ``eigvecs`` and ``directional_derivatives``. ``memory_budget_gb`` (null: no
+    check) bounds the estimated peak memory of the backward pass.
+    """
 
     approximation: Approximation = Approximation.exact
     mc_samples: int = 1
     batch_size: int = 32
+    subsampling: Optional[int] = None
     dtype: Precision = Precision.float64
     top_k: int = 10
     threshold: float = 1e-3
+    min_eigval: float = 0.0
+    eigvecs: bool = False
+    directional_derivatives: bool = False
+    gram_path: GramPath = GramPath.auto
+    memory_budget_gb: Optional[float] = None
+    on_budget_exceeded: BudgetAction = BudgetAction.error
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
 

@@ -23,7 +23,7 @@ from harness.faults import DivergenceError, RunInterrupted, SignalGuard
 from harness.groups import build_param_groups
 from harness.resume import RUN_ID_FILE, find_resumable_run, restore_training_state
 from harness.schedule import checkpoint_steps
-from harness.spectrum import Spectrum, SpectrumProbe
+from harness.spectrum import Spectrum, SpectrumProbe, curvature_options
 from harness.support import prepare_model
 from harness.tracking import (
     Tracker,
@@ -201,6 +201,18 @@ def check_sizes(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ValueError(f"Invalid {key}={value}: it must be at least 1.")
+    subsampling = cfg.curvature.subsampling
+    if subsampling is not None and not 2 <= subsampling <= cfg.curvature.batch_size:
+        raise ValueError(
+            f"Invalid curvature.subsampling={subsampling}: use null or a number of samples in "
+            f"[2, curvature.batch_size={cfg.curvature.batch_size}]."
+        )
+    per_sample = subsampling is not None or cfg.curvature.directional_derivatives
+    if per_sample and cfg.loss.reduction.value != "mean":
+        raise ValueError(
+            f"Invalid loss.reduction={cfg.loss.reduction.value} with curvature.subsampling or "
+            "curvature.directional_derivatives: both need loss.reduction=mean."
+        )
     if any(size < 1 for size in cfg.model.hidden):
         raise ValueError(f"Invalid model.hidden={list(cfg.model.hidden)}: every size must be at least 1.")
 
@@ -250,6 +262,7 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Pat
         validate_max_params=validate.max_params if validate.enabled and exact else 0,
         rtol=validate.rtol,
         atol=validate.atol,
+        options=curvature_options(cfg),
     )
 
     uri = resolve_tracking_uri(cfg.tracking.uri, launch_dir)

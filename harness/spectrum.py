@@ -6,13 +6,14 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
-from harness.curvature import ValidationResult, compare_eigvals, compute_grams, exact_ggn, gram_eigvals
+from harness.curvature import GroupCurvature, ValidationResult, compare_eigvals, compute_curvature, exact_ggn
 from harness.tracking import metric_key
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,13 @@ class Spectrum:
         validation: Group name to its comparison with the exact GGN, for validated groups.
         seconds: Wall-clock time of the Gram computation and eigensolves.
         validation_seconds: Wall-clock time of the exact reference.
+        curvature: Group name to its selected eigenpairs and directional derivatives.
     """
 
     step: int
     eigvals: dict[str, Tensor]
     validation: dict[str, ValidationResult] = field(default_factory=dict)
+    curvature: dict[str, GroupCurvature] = field(default_factory=dict)
     seconds: float = 0.0
     validation_seconds: float = 0.0
 
@@ -41,10 +44,17 @@ class Spectrum:
         metrics = {"ggn/compute_seconds": self.seconds}
         for group, eigvals in self.eigvals.items():
             metrics[metric_key("ggn", group, "eigval_max")] = eigvals[0].item()
-            metrics[metric_key("ggn", group, "trace")] = eigvals.sum().item()
             metrics[metric_key("ggn", group, "num_eigvals_above")] = int((eigvals > threshold).sum())
             for rank, value in enumerate(eigvals[:top_k].tolist(), start=1):
                 metrics[metric_key("ggn", group, f"eigval_{rank}")] = value
+            curvature = self.curvature.get(group)
+            # The Lanczos fallback has only the top-k eigenvalues, so their sum is no trace.
+            if curvature is None or curvature.method == "gram":
+                metrics[metric_key("ggn", group, "trace")] = eigvals.sum().item()
+            if curvature is not None and curvature.second_derivatives is not None:
+                metrics[metric_key("ggn", group, "grad_overlap")] = curvature.grad_overlap
+                for rank, value in enumerate(curvature.snr().tolist(), start=1):
+                    metrics[metric_key("ggn", group, f"snr_{rank}")] = value
         for group, result in self.validation.items():
             metrics[metric_key("validation", group, "max_abs_err")] = result.max_abs_err
             metrics[metric_key("validation", group, "max_rel_err")] = result.max_rel_err
@@ -54,11 +64,19 @@ class Spectrum:
         return metrics
 
     def to_npz(self) -> bytes:
-        """Serialize the eigenvalues as an ``.npz`` archive: one float64 array per group, plus ``step``."""
+        """Serialize the eigenvalues as an ``.npz`` archive: one float64 array per group, plus ``step``.
+
+        Computed eigenvectors are added as ``eigvecs/<group>``, float32 arrays [K, D] in the
+        order of the group's parameters.
+        """
         import io
 
         buffer = io.BytesIO()
         arrays = {name: values.double().cpu().numpy() for name, values in self.eigvals.items()}
+        for name, curvature in self.curvature.items():
+            if curvature.eigvecs is not None:
+                flat = torch.cat([piece.flatten(start_dim=1) for piece in curvature.eigvecs], dim=1)
+                arrays[f"eigvecs/{name}"] = flat.float().cpu().numpy()
         np.savez(buffer, step=np.array(self.step), **arrays)
         return buffer.getvalue()
 
@@ -77,6 +95,9 @@ class SpectrumProbe:
         validate_max_params: Groups with at most this many parameters are validated; 0 disables.
         rtol: Relative tolerance of the validation.
         atol: Absolute tolerance of the validation.
+        options: Further keyword arguments of ``compute_curvature`` (``subsampling``, ``top_k``,
+            ``min_eigval``, ``eigvecs``, ``directional_derivatives``, ``path``,
+            ``memory_budget_gb``, ``on_budget_exceeded``).
     """
 
     def __init__(
@@ -91,7 +112,9 @@ class SpectrumProbe:
         validate_max_params: int = 0,
         rtol: float = 1e-3,
         atol: float = 1e-6,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
+        self.options = dict(options or {})
         self.param_groups = param_groups
         self.loss_func = loss_func
         self.inputs = inputs
@@ -110,7 +133,7 @@ class SpectrumProbe:
     def compute(self, model: Module, step: int) -> Spectrum:
         """Return the spectrum of ``model`` at ``step``; the parameters' ``.grad`` is cleared after."""
         start = time.perf_counter()
-        grams = compute_grams(
+        curvature = compute_curvature(
             model,
             self.loss_func,
             self.inputs,
@@ -119,14 +142,32 @@ class SpectrumProbe:
             self.approximation,
             self.mc_samples,
             self.dtype,
+            **self.options,
         )
-        eigvals = {name: gram_eigvals(gram) for name, gram in grams.items()}
-        model.zero_grad(set_to_none=True)
-        spectrum = Spectrum(step, eigvals, seconds=time.perf_counter() - start)
+        eigvals = {name: result.eigvals for name, result in curvature.items()}
+        spectrum = Spectrum(step, eigvals, seconds=time.perf_counter() - start, curvature=curvature)
 
         start = time.perf_counter()
+        subset = self.options.get("subsampling")
+        inputs = self.inputs if subset is None else self.inputs[list(subset)]
+        targets = self.targets if subset is None else self.targets[list(subset)]
         for name in self.validated_groups:
-            ggn = exact_ggn(model, self.loss_func, self.inputs, self.targets, self.param_groups[name])
+            ggn = exact_ggn(model, self.loss_func, inputs, targets, self.param_groups[name])
             spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
         spectrum.validation_seconds = time.perf_counter() - start
         return spectrum
+
+
+def curvature_options(cfg: Any) -> dict[str, Any]:
+    """Return the ``compute_curvature`` options of a ``curvature`` config as keyword arguments."""
+    curvature = cfg.curvature
+    return {
+        "subsampling": None if curvature.subsampling is None else range(curvature.subsampling),
+        "top_k": curvature.top_k,
+        "min_eigval": curvature.min_eigval,
+        "eigvecs": curvature.eigvecs,
+        "directional_derivatives": curvature.directional_derivatives,
+        "path": curvature.gram_path.value,
+        "memory_budget_gb": curvature.memory_budget_gb,
+        "on_budget_exceeded": curvature.on_budget_exceeded.value,
+    }

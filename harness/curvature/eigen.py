@@ -1,0 +1,339 @@
+"""GGN eigenpairs per parameter group and per-sample directional derivatives along them.
+
+With G = V Vᵀ and the Gram matrix K = Vᵀ V = U diag(λ) Uᵀ, the eigenvectors of G with nonzero
+eigenvalue are e_k = V u_k / sqrt(λ_k). Mapping u_k to parameter space needs V-vector products,
+computed in a second backward pass (``GramAccumulator.coefficients``) without keeping V.
+
+For mean reduction the GGN is the mean of per-sample GGNs G_n, and Vᵀ e_k = sqrt(λ_k) u_k, so
+the second directional derivatives λ_nk = e_kᵀ G_n e_k = N λ_k Σ_r u_k[r, n]² need no extra pass.
+The first directional derivatives γ_nk = g_nᵀ e_k, g_n = ∇ℓ_n, come from the Gram block of V
+with the per-sample gradient column that the loss appends to the factor.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import Module, Parameter
+
+from harness.curvature.gram import GramAccumulator, check_all_groups_computed, run_backward, zero_noise
+from harness.curvature.lanczos import lanczos_eigenpairs
+from harness.curvature.memory import BUDGET_ACTIONS, budget_error, check_budget, estimate_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupCurvature:
+    """GGN spectrum of one parameter group and, optionally, what goes with its leading eigenpairs.
+
+    Attributes:
+        eigvals: All Gram eigenvalues, descending, numerically zero ones as exactly 0 (only the
+            top-k ones with ``method="lanczos"``).
+        selected: The selected eigenvalues λ_k, descending, all nonzero.
+        gram_eigvecs: The Gram eigenvectors u_k of the selected eigenvalues, [rows, K]; None
+            unless eigenvectors or directional derivatives were requested, and with
+            ``method="lanczos"``.
+        eigvecs: Eigenvectors e_k in parameter space, one [K, *p.shape] tensor per parameter
+            of the group, jointly of unit norm per k; None unless requested.
+        first_derivatives: γ_nk = g_nᵀ e_k as [N, K], g_n the gradient of sample n's loss.
+        second_derivatives: λ_nk = e_kᵀ G_n e_k as [N, K], G_n the GGN of sample n's loss.
+        gradient: Gradient g = mean_n g_n of the samples in the GGN, projected: gᵀ e_k as [K].
+        gradient_norm: ‖g‖.
+        method: ``"gram"``, or ``"lanczos"`` after a fallback for the memory budget.
+    """
+
+    eigvals: Tensor
+    selected: Tensor
+    gram_eigvecs: Tensor | None
+    eigvecs: list[Tensor] | None = None
+    first_derivatives: Tensor | None = None
+    second_derivatives: Tensor | None = None
+    gradient: Tensor | None = None
+    gradient_norm: Tensor | None = None
+    method: str = "gram"
+
+    @property
+    def grad_overlap(self) -> float:
+        """Fraction Σ_k (gᵀ e_k)² / ‖g‖² of the gradient's squared norm in the selected eigenspace."""
+        if self.gradient is None or self.gradient_norm is None:
+            raise ValueError("No gradient projections: compute with directional_derivatives=True.")
+        if self.gradient_norm == 0:
+            return 0.0
+        return (self.gradient.square().sum() / self.gradient_norm.square()).item()
+
+    def snr(self) -> Tensor:
+        """Signal-to-noise ratio of the curvature along each e_k, mean_n(λ_nk)² / var_n(λ_nk).
+
+        The variance is the unbiased sample variance over the N samples (N ≥ 2 required).
+        """
+        if self.second_derivatives is None:
+            raise ValueError("No second derivatives: compute with directional_derivatives=True.")
+        mean = self.second_derivatives.mean(dim=0)
+        return mean.square() / self.second_derivatives.var(dim=0)
+
+
+def compute_curvature(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    param_groups: Mapping[str, Sequence[Parameter]],
+    approximation: str = "exact",
+    mc_samples: int = 1,
+    dtype: torch.dtype = torch.float64,
+    subsampling: Sequence[int] | None = None,
+    top_k: int | None = None,
+    min_eigval: float = 0.0,
+    eigvecs: bool = False,
+    directional_derivatives: bool = False,
+    path: str = "auto",
+    memory_budget_gb: float | None = None,
+    on_budget_exceeded: str = "error",
+) -> dict[str, GroupCurvature]:
+    """Compute each group's GGN eigenvalues and, on request, eigenvectors and directional derivatives.
+
+    Args:
+        model: The network; extended with BackPACK in place.
+        loss_func: ``MSELoss`` or ``CrossEntropyLoss``; extended in place.
+        inputs: Batch inputs, batch axis first.
+        targets: Batch targets, batch axis first.
+        param_groups: Group name to parameters.
+        approximation: ``"exact"`` or ``"mc"``.
+        mc_samples: Monte-Carlo samples per datum for ``"mc"``.
+        dtype: Precision of the Gram matrices and eigensolves.
+        subsampling: Indices of the samples whose GGN is computed. The result is the GGN of the
+            mean loss over these samples (BackPACK keeps the full batch's 1/N, corrected here).
+        top_k: Select at most this many leading eigenpairs; None selects all.
+        min_eigval: Select only eigenvalues above this value. Zero eigenvalues are never selected.
+        eigvecs: Map the selected eigenvectors to parameter space (a second backward pass).
+        directional_derivatives: Compute γ_nk, λ_nk and the gradient projections.
+        path: Gram path of Linear and convolution weights, see ``GramAccumulator``.
+        memory_budget_gb: Budget for the estimated peak memory of the backward pass; None for
+            no check.
+        on_budget_exceeded: ``"error"`` raises ``MemoryBudgetError``; ``"lanczos"`` computes
+            the ``top_k`` eigenpairs of each group matrix-free instead (no directional
+            derivatives).
+
+    Raises:
+        ValueError: If the loss, the batch shapes or the subsampling indices break the
+            constraints of the method (see ``check_constraints``).
+        MemoryBudgetError: If the estimate exceeds the budget and ``on_budget_exceeded="error"``.
+    """
+    num_samples = inputs.shape[0]
+    check_constraints(loss_func, inputs, targets, subsampling, directional_derivatives)
+    if on_budget_exceeded not in BUDGET_ACTIONS:
+        raise ValueError(f"Invalid on_budget_exceeded={on_budget_exceeded!r}: use one of {BUDGET_ACTIONS}.")
+    subset_size = num_samples if subsampling is None else len(subsampling)
+    scale = num_samples / subset_size
+
+    if memory_budget_gb is not None:
+        with torch.no_grad():
+            num_outputs = model(inputs[:2]).shape[1:].numel()
+        columns = (num_outputs if approximation == "exact" else mc_samples) + int(directional_derivatives)
+        estimate = estimate_memory(model, inputs, param_groups, columns, subset_size, dtype, path)
+        if not check_budget(estimate, memory_budget_gb):
+            if on_budget_exceeded == "error":
+                raise budget_error(estimate, memory_budget_gb)
+            log.warning(
+                "Gram computation needs an estimated %s, above the budget of %s GB: using Lanczos",
+                estimate.describe(),
+                memory_budget_gb,
+            )
+            return _lanczos_fallback(
+                model, loss_func, inputs, targets, param_groups, subsampling, top_k, min_eigval, directional_derivatives
+            )
+
+    accumulator = GramAccumulator(
+        param_groups, approximation, mc_samples, dtype, subsampling, with_gradient=directional_derivatives, path=path
+    )
+    rng_before = _rng_state(inputs.device)
+    run_backward(model, loss_func, inputs, targets, accumulator)
+    rng_after = _rng_state(inputs.device)
+    check_all_groups_computed(accumulator)
+    model_eps = torch.finfo(next(iter(param_groups.values()))[0].dtype).eps
+
+    results: dict[str, GroupCurvature] = {}
+    for name in accumulator.group_names:
+        extended = accumulator.grams[name]
+        rows = extended.shape[0] - (subset_size if directional_derivatives else 0)
+        gram = scale * extended[:rows, :rows]
+        if eigvecs or directional_derivatives:
+            eigvals, vectors = torch.linalg.eigh(gram)
+            vectors = vectors.flip(1)
+        else:
+            eigvals, vectors = torch.linalg.eigvalsh(gram), None
+        eigvals = zero_noise(eigvals.flip(0), rows, dtype)
+        chosen = select_eigvals(eigvals, top_k, min_eigval, model_eps, name)
+        result = GroupCurvature(eigvals, eigvals[chosen], None if vectors is None else vectors[:, chosen])
+        if directional_derivatives:
+            _add_directional_derivatives(result, extended, rows, num_samples, subset_size, scale)
+        results[name] = result
+
+    if eigvecs:
+        _set_rng_state(inputs.device, rng_before)
+        _map_eigvecs(model, loss_func, inputs, targets, param_groups, accumulator, results, scale)
+        _set_rng_state(inputs.device, rng_after)
+    model.zero_grad(set_to_none=True)
+    return results
+
+
+def _lanczos_fallback(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    param_groups: Mapping[str, Sequence[Parameter]],
+    subsampling: Sequence[int] | None,
+    top_k: int | None,
+    min_eigval: float,
+    directional_derivatives: bool,
+) -> dict[str, GroupCurvature]:
+    """Compute each group's ``top_k`` eigenpairs with Lanczos on GGN-vector products."""
+    if top_k is None or directional_derivatives:
+        raise ValueError(
+            "The Lanczos fallback computes top_k eigenpairs only: set top_k and turn off "
+            "directional derivatives, or set on_budget_exceeded=error."
+        )
+    if subsampling is not None:
+        inputs, targets = inputs[list(subsampling)], targets[list(subsampling)]
+
+    results: dict[str, GroupCurvature] = {}
+    for name, params in param_groups.items():
+        eigvals, vectors = lanczos_eigenpairs(model, loss_func, inputs, targets, params, top_k)
+        eigvals = eigvals.clamp(min=0)
+        chosen = torch.nonzero((eigvals > 0) & (eigvals > min_eigval)).flatten()
+        pieces = vectors[chosen].split([p.numel() for p in params], dim=1)
+        eigvecs = [piece.reshape(-1, *p.shape) for piece, p in zip(pieces, params)]
+        results[name] = GroupCurvature(eigvals, eigvals[chosen], None, eigvecs=eigvecs, method="lanczos")
+    return results
+
+
+def check_constraints(
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    subsampling: Sequence[int] | None,
+    directional_derivatives: bool,
+) -> None:
+    """Check the assumptions of the Gram method before any backward pass.
+
+    The batch axis is the first axis of inputs and targets. Subsampling and per-sample
+    directional derivatives need ``reduction="mean"``, because both rely on the loss being the
+    mean of per-sample losses with the 1/N that BackPACK applies. Subsampling indices must be
+    distinct and in range.
+    """
+    num_samples = inputs.shape[0]
+    if targets.shape[0] != num_samples:
+        raise ValueError(
+            f"Inputs have {num_samples} samples but targets have {targets.shape[0]} along the first "
+            "axis: the batch axis must come first in both."
+        )
+    needs_mean = subsampling is not None or directional_derivatives
+    reduction = getattr(loss_func, "reduction", None)
+    if needs_mean and reduction != "mean":
+        raise ValueError(
+            f"Invalid loss reduction {reduction!r} for subsampling or directional derivatives: "
+            "use reduction='mean'."
+        )
+    if subsampling is None:
+        return
+    indices = list(subsampling)
+    if len(indices) == 0 or len(set(indices)) != len(indices):
+        raise ValueError(f"Invalid subsampling {indices}: give distinct sample indices, at least one.")
+    if min(indices) < 0 or max(indices) >= num_samples:
+        raise ValueError(f"Invalid subsampling {indices}: indices must be in [0, {num_samples}).")
+    if directional_derivatives and len(indices) < 2:
+        raise ValueError(
+            f"Invalid subsampling {indices} with directional derivatives: use at least 2 samples, "
+            "the variance of λ_nk needs them."
+        )
+
+
+def select_eigvals(eigvals: Tensor, top_k: int | None, min_eigval: float, model_eps: float, group: str) -> Tensor:
+    """Return the indices of the selected eigenvalues: nonzero, above ``min_eigval``, at most ``top_k``.
+
+    Warns if a selected λ is below sqrt(eps)·λ_max, eps the precision of the model's dtype in
+    which BackPACK computes V. There the error of e_k = V u_k / sqrt(λ) (about
+    eps·sqrt(λ_max / λ) relative) and the mixing of u_k with close eigenvectors are large.
+    """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"Invalid top_k={top_k}: it must be at least 1, or None for all.")
+    chosen = torch.nonzero((eigvals > 0) & (eigvals > min_eigval)).flatten()
+    if top_k is not None:
+        chosen = chosen[:top_k]
+
+    if chosen.numel() > 0:
+        stable = model_eps**0.5 * eigvals[0]
+        unstable = int((eigvals[chosen] < stable).sum())
+        if unstable:
+            warnings.warn(
+                f"Group {group!r}: {unstable} selected eigenvalues are below {stable.item():.3g} "
+                f"(sqrt(eps)·λ_max), so their eigenvectors are unreliable: raise min_eigval or lower top_k.",
+                stacklevel=3,
+            )
+    return chosen
+
+
+def _add_directional_derivatives(
+    result: GroupCurvature, extended: Tensor, rows: int, num_samples: int, subset_size: int, scale: float
+) -> None:
+    """Fill γ_nk, λ_nk and the gradient projections from the extended Gram matrix.
+
+    The gradient rows of the factor are 1/N ∇ℓ_n (N the full batch, BackPACK's scale), and the
+    factor rows V_raw = V / sqrt(scale).
+    """
+    vectors, eigvals = result.gram_eigvecs, result.selected
+    gradient_by_factor = extended[rows:, :rows]
+    gradient_gram = extended[rows:, rows:]
+
+    first = num_samples * (gradient_by_factor @ vectors) * (scale / eigvals).sqrt()
+    squared = vectors.square().reshape(-1, subset_size, vectors.shape[1]).sum(dim=0)
+    result.first_derivatives = first
+    result.second_derivatives = subset_size * eigvals * squared
+    result.gradient = first.mean(dim=0)
+    result.gradient_norm = (num_samples / subset_size) * gradient_gram.sum().clamp(min=0).sqrt()
+
+
+def _map_eigvecs(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    param_groups: Mapping[str, Sequence[Parameter]],
+    first_pass: GramAccumulator,
+    results: dict[str, GroupCurvature],
+    scale: float,
+) -> None:
+    """Map each group's u_k to e_k = V u_k / sqrt(λ_k) in a second backward pass."""
+    accumulator = GramAccumulator(
+        param_groups, first_pass.approximation, first_pass.mc_samples, first_pass.dtype, first_pass.subsampling,
+        path=first_pass.path,
+    )
+    # V_raw u / sqrt(λ_raw) with λ_raw = λ / scale.
+    accumulator.coefficients = {
+        name: result.gram_eigvecs * (scale / result.selected).sqrt() for name, result in results.items()
+    }
+    run_backward(model, loss_func, inputs, targets, accumulator)
+
+    for name, params in param_groups.items():
+        pieces = [accumulator.projections[id(p)].T.reshape(-1, *p.shape) for p in params]
+        norm = torch.sqrt(sum(piece.flatten(start_dim=1).square().sum(dim=1) for piece in pieces))
+        results[name].eigvecs = [piece / norm.reshape(-1, *([1] * (piece.dim() - 1))) for piece in pieces]
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, list[Tensor] | None]:
+    """Return the CPU and, for a CUDA batch, the CUDA random states (MC samples, dropout)."""
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])

@@ -1,0 +1,83 @@
+"""Matrix-free top-k GGN eigenpairs: Lanczos (scipy ``eigsh``) on GGN-vector products.
+
+This is the fallback when the Gram matrix does not fit the memory budget. It stores a few vectors
+of the group's size and nothing of size N·C. Each Lanczos iteration costs two Jacobian products
+and one loss-Hessian product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator, eigsh
+from torch import Tensor
+from torch.func import functional_call, grad, jvp, vjp
+from torch.nn import Module, Parameter
+
+from harness.curvature.exact import _names_of, _without_hooks
+
+
+def ggn_matvec(
+    model: Module, loss_func: Module, inputs: Tensor, targets: Tensor, params: Sequence[Parameter]
+):
+    """Return the GGN-vector product v ↦ Jᵀ H J v of ``params`` on one batch, for flat float64 vectors.
+
+    J is the Jacobian of the model outputs with respect to ``params`` and H the Hessian of the
+    batch loss with respect to the outputs, both evaluated once here (torch.func on hook-free
+    copies, in the model's dtype).
+    """
+    names = _names_of(model, params)
+    model, loss_func = _without_hooks(model), _without_hooks(loss_func)
+    frozen = {name: p.detach() for name, p in model.named_parameters()}
+    group = {name: frozen[name] for name in names}
+    shapes = [group[name].shape for name in names]
+    sizes = [shape.numel() for shape in shapes]
+    dtype, device = group[names[0]].dtype, group[names[0]].device
+
+    def outputs_of(group_params: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, {**frozen, **group_params}, (inputs,))
+
+    outputs, pullback = vjp(outputs_of, group)
+    loss_gradient = grad(lambda out: loss_func(out, targets))
+
+    def matvec(vector: np.ndarray) -> np.ndarray:
+        pieces = torch.from_numpy(np.asarray(vector).ravel()).to(device=device, dtype=dtype).split(sizes)
+        tangent = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
+        _, output_tangent = jvp(outputs_of, (group,), (tangent,))
+        _, hessian_tangent = jvp(loss_gradient, (outputs,), (output_tangent,))
+        (product,) = pullback(hessian_tangent)
+        flat = torch.cat([product[name].flatten() for name in names])
+        return flat.detach().double().cpu().numpy()
+
+    return matvec, sum(sizes)
+
+
+def lanczos_eigenpairs(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    params: Sequence[Parameter],
+    top_k: int,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Compute the ``top_k`` largest GGN eigenvalues and eigenvectors of ``params`` with ``eigsh``.
+
+    Returns:
+        Eigenvalues [top_k], descending, and eigenvectors [top_k, D] (float64 on the CPU, unit
+        norm).
+
+    Raises:
+        ValueError: If ``top_k`` is not in [1, D - 1], the range ARPACK supports.
+    """
+    matvec, dim = ggn_matvec(model, loss_func, inputs, targets, params)
+    if not 1 <= top_k < dim:
+        raise ValueError(f"Invalid top_k={top_k} for Lanczos on {dim} parameters: use 1 ≤ top_k < {dim}.")
+    operator = LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
+    start = np.random.default_rng(seed).standard_normal(dim)
+    eigvals, eigvecs = eigsh(operator, k=top_k, which="LA", tol=tol, v0=start)
+    order = np.argsort(eigvals)[::-1]
+    return torch.from_numpy(eigvals[order].copy()), torch.from_numpy(eigvecs[:, order].T.copy())
