@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+# Hydra launchers that come from optional packages: the option's plugin module, its PyPI package
+# and the extra of this package that installs it.
+OPTIONAL_LAUNCHERS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "submitit"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "submitit"),
+}
+
+
+def missing_launcher(args: Sequence[str]) -> str | None:
+    """Return an error message if ``hydra/launcher=NAME`` in ``args`` needs a package that is missing."""
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key != "hydra/launcher" or value not in OPTIONAL_LAUNCHERS:
+            continue
+        module, package, extra = OPTIONAL_LAUNCHERS[value]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return (
+                f"hydra/launcher={value} needs the package {package}, which is not installed. "
+                f"Install it with: pip install 'harness[{extra}]' (or pip install {package})"
+            )
+    return None
 
 
 def main() -> None:
     """Compose the config with Hydra and run one experiment (or a sweep with ``-m``)."""
+    message = missing_launcher(sys.argv[1:])
+    if message:
+        sys.exit(message)
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from harness.config import config_dir, register_configs
@@ -17,12 +52,26 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _run(cfg: DictConfig) -> None:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            from harness.sweep import run_sweep_job
+
+            run_sweep_job(cfg, hydra_cfg)
+            return
+
         from harness.runner import run
 
-        hydra_cfg = HydraConfig.get()
         run(cfg, Path(hydra_cfg.runtime.cwd), list(hydra_cfg.overrides.task))
 
-    _run()
+    try:
+        _run()
+    except BaseException as error:
+        # A sweep that stops before its last job (Ctrl-C, a launcher error) ends its parent run
+        # here; the module is only loaded if a sweep started.
+        sweep = sys.modules.get("harness.sweep")
+        if sweep is not None:
+            sweep.end_open_sweep(error)
+        raise
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ class TrackingConfig:
     experiment: str = "harness"
     run_name: Optional[str] = None
     log_model: bool = True
+    log_plots: bool = True
 
 
 @dataclass

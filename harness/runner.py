@@ -6,6 +6,7 @@ import logging
 import random
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,11 @@ def check_sizes(cfg: DictConfig) -> None:
         raise ValueError(f"Invalid model.hidden={list(cfg.model.hidden)}: every size must be at least 1.")
 
 
-def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
+def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], extra_tags: Mapping[str, str] | None = None) -> str:
     """Train the configured model and log its GGN spectra to MLflow; return the run id.
 
-    The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error, which is
+    ``extra_tags`` are added to the run's tags (a sweep passes ``mlflow.parentRunId`` and the run
+    name). The run ends FINISHED on success, KILLED on Ctrl-C and FAILED on any error, which is
     re-raised after the status is recorded.
     """
     check_sizes(cfg)
@@ -172,7 +174,7 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
 
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     resolved["tracking"]["uri"] = uri
-    tags = {"harness.overrides": " ".join(overrides) or "(none)", "mlflow.source.name": "python -m harness"}
+    tags = {"harness.overrides": " ".join(overrides) or "(none)", "mlflow.source.name": "python -m harness", **(extra_tags or {})}
     commit = git_commit(Path(__file__).resolve().parent)
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -184,7 +186,9 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str]) -> str:
         tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
         tracker.log_params(flatten(resolved))
         tracker.log_params({"param_groups": ",".join(param_groups), "num_params": sum(p.numel() for p in model.parameters())})
-        _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name)
+        spectra = _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name)
+        if cfg.tracking.log_plots:
+            _log_plots(tracker, spectra, cfg.curvature.top_k)
         if cfg.tracking.log_model:
             tracker.log_bytes(tensor_bytes(torch.save, model.state_dict()), "model/state_dict.pt")
         status = "FINISHED"
@@ -211,8 +215,11 @@ def _train(
     probe: SpectrumProbe,
     tracker: Tracker,
     loss_name: str,
-) -> None:
-    """Run ``cfg.train.steps`` optimizer updates with a checkpoint before each listed step."""
+) -> list[Spectrum]:
+    """Run ``cfg.train.steps`` optimizer updates with a checkpoint before each listed step.
+
+    Returns the spectra of the checkpoints, in order.
+    """
     total = cfg.train.steps
     batch_size = min(cfg.train.batch_size, len(data.train_inputs))
     generator = torch.Generator().manual_seed(cfg.seed + 2)
@@ -221,10 +228,11 @@ def _train(
     pending = set(checkpoints)
     num_classes = data.num_classes
     val_inputs, val_labels = data.val_inputs.to(device), data.val_labels.to(device)
+    spectra = []
 
     for step in tqdm(range(total + 1), desc="train", unit="step", disable=None, file=sys.stderr):
         if step in pending:
-            _checkpoint(cfg, model, probe, tracker, step)
+            spectra.append(_checkpoint(cfg, model, probe, tracker, step))
         if step % cfg.train.eval_every == 0 or step == total:
             if len(val_labels) > 0:
                 metrics = evaluate(model, loss_func, val_inputs, val_labels, loss_name, num_classes)
@@ -251,6 +259,17 @@ def _train(
         if step % cfg.train.log_every == 0:
             accuracy = (outputs.argmax(dim=1) == labels).float().mean().item()
             tracker.log_metrics({"train/loss": loss.item(), "train/accuracy": accuracy}, step)
+    return spectra
+
+
+def _log_plots(tracker: Tracker, spectra: list[Spectrum], top_k: int) -> None:
+    """Log the figures of :func:`harness.plots.run_figures` as PNG artifacts under ``plots/``."""
+    from harness import plots
+
+    for path, figure in plots.run_figures(spectra, top_k).items():
+        tracker.log_figure(figure, path)
+        plots.close(figure)
+    log.info("Logged spectrum plots of %d checkpoints", len(spectra))
 
 
 def _checkpoint(cfg: DictConfig, model: nn.Module, probe: SpectrumProbe, tracker: Tracker, step: int) -> Spectrum:
