@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     uri = resolve_tracking_uri(args.uri, Path.cwd())
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        print(f"error: No MLflow store at {uri}: pass --uri or run the command where mlflow.db is.", file=sys.stderr)
+        return 1
     try:
         report = build_report(uri, args.metric, args.experiment, args.sweep, args.over)
     except ValueError as error:

@@ -108,8 +108,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
-        self.client = RetryingClient(MlflowClient(tracking_uri=uri))
+        # MlflowClient creates the store's tables when it is constructed.
         with store_lock(uri):
+            self.client = RetryingClient(MlflowClient(tracking_uri=uri))
             self.experiment_id = self._experiment_id(experiment)
         self.run_id: str | None = None
         self._pending: list[Metric] = []
