@@ -95,7 +95,8 @@ def mlflow_server(backend_uri: str, folder: Path) -> Iterator[str]:
         yield url
     finally:
         # The server forks workers into its own process group: stop the whole group.
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
