@@ -67,7 +67,7 @@ def main() -> None:
         _run()
     except BaseException as error:
         # A sweep that stops before its last job (Ctrl-C, a launcher error) ends its parent run
-        # here; the module is only loaded if a sweep started.
+        # here. The sweep module is loaded only when Hydra has instantiated its callback.
         sweep = sys.modules.get("harness.sweep")
         if sweep is not None:
             sweep.end_open_sweep(error)

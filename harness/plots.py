@@ -118,11 +118,11 @@ def plot_validation(steps: Sequence[int], gram: Sequence[np.ndarray], exact: Seq
     scatter.plot(line, line, color="0.4", linewidth=0.8)
     errors.plot(line, atol + rtol * line, color="0.4", linewidth=0.8, label="tolerance")
     for step, gram_values, exact_values, color in zip(steps, gram, exact, colors):
-        shown = (exact_values > MIN_POSITIVE) & (gram_values > MIN_POSITIVE)
-        scatter.scatter(exact_values[shown], gram_values[shown], s=8, color=color, label=f"step {step}")
+        on_log_axes = (exact_values > MIN_POSITIVE) & (gram_values > MIN_POSITIVE)
+        scatter.scatter(exact_values[on_log_axes], gram_values[on_log_axes], s=8, color=color, label=f"step {step}")
         error = np.abs(gram_values - exact_values)
         # Exact agreement has no place on a log axis, so it is drawn at the axis floor.
-        errors.scatter(exact_values[shown], np.maximum(error[shown], 1e-18), s=8, color=color)
+        errors.scatter(exact_values[on_log_axes], np.maximum(error[on_log_axes], 1e-18), s=8, color=color)
     for axes in (scatter, errors):
         axes.set_xscale("log")
         axes.set_yscale("log")

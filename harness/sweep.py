@@ -39,7 +39,7 @@ _open_sweep: SweepContext | None = None
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every job of a sweep needs to log its child run: the store, experiment and parent."""
+    """Store, experiment and parent run of a sweep, which every job needs to log its child run."""
 
     uri: str
     experiment: str
@@ -179,10 +179,10 @@ def end_open_sweep(error: BaseException) -> None:
 def run_sweep_job(cfg: DictConfig, hydra_cfg: Any) -> None:
     """Run one job of a sweep as a child run of the sweep's parent run.
 
-    Every job logs to the sweep's store and experiment, so the MLflow UI can nest the children
-    under the parent; a job whose ``tracking.experiment`` differs is moved, with a log line. An
-    error of the job is logged and recorded as a FAILED child run (created here if the job failed
-    before its run started), and not re-raised, so the other jobs still run.
+    Every job logs to the sweep's store and experiment, so that the MLflow UI can nest the
+    children under the parent. A job whose ``tracking.experiment`` differs is moved there, with a
+    log line. An error of the job is logged and recorded as a FAILED child run (created here if
+    the job failed before its run started). It is not re-raised, so the other jobs still run.
     """
     from harness.runner import run
 

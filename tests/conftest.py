@@ -61,7 +61,7 @@ def free_port() -> int:
 
 
 def wait_for_http(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 180) -> None:
-    """Wait until ``url`` answers 200; fail with the server's log if it exits or times out."""
+    """Wait until ``url`` returns status 200; fail with the server's log if it exits or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

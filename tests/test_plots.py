@@ -99,9 +99,9 @@ def test_validation_scatter_errors(spectra):
 
     scatter, errors = figure.axes[:2]
     points = errors.collections[-1].get_offsets()
-    shown = (exact[-1] > plots.MIN_POSITIVE) & (gram[-1] > plots.MIN_POSITIVE)
-    np.testing.assert_allclose(points[:, 0], exact[-1][shown])
-    np.testing.assert_allclose(points[:, 1], np.maximum(np.abs(gram[-1] - exact[-1])[shown], 1e-18))
+    on_log_axes = (exact[-1] > plots.MIN_POSITIVE) & (gram[-1] > plots.MIN_POSITIVE)
+    np.testing.assert_allclose(points[:, 0], exact[-1][on_log_axes])
+    np.testing.assert_allclose(points[:, 1], np.maximum(np.abs(gram[-1] - exact[-1])[on_log_axes], 1e-18))
     assert len(scatter.collections) == 3
     plots.close(figure)
 

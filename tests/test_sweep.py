@@ -145,7 +145,7 @@ def test_report_of_parallel_sweep(parallel_sweep, tmp_path):
 
 
 def test_missing_launcher_names_install_command(tmp_path):
-    # A meta path finder that hides the joblib plugin stands in for an environment without it.
+    # A meta path finder that hides the joblib plugin simulates an environment without it.
     code = (
         "import sys, runpy\n"
         "class Hide:\n"
