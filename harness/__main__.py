@@ -9,6 +9,7 @@ from pathlib import Path
 
 # Hydra launchers that come from optional packages: the option's plugin module, its PyPI package
 # and the extra of this package that installs it.
+# NOTE: only submitit_local is tested; submitit_slurm has never run against a SLURM cluster here.
 OPTIONAL_LAUNCHERS = {
     "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib"),
     "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "submitit"),

@@ -187,6 +187,7 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], extra_tags: Map
         tracker.log_params(flatten(resolved))
         tracker.log_params({"param_groups": ",".join(param_groups), "num_params": sum(p.numel() for p in model.parameters())})
         spectra = _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name)
+        # NOTE: a run that fails or is killed gets no plots, only its spectra/*.npz.
         if cfg.tracking.log_plots:
             _log_plots(tracker, spectra, cfg.curvature.top_k)
         if cfg.tracking.log_model:

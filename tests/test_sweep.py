@@ -1,9 +1,11 @@
 """Sweeps (`python -m harness -m`): parent and child runs, failing jobs, launchers, the report."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -175,3 +177,27 @@ def test_submitit_local_sweep(tmp_path):
     assert parent.data.tags["harness.sweep.launcher"] == "LocalLauncher"
     assert sorted(children) == ["seed=0", "seed=1"]
     assert all(run.info.status == "FINISHED" for run in children.values())
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_ends_killed(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "harness", "-m", "train.steps=1000", "seed=0,1"],
+            cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 300
+    while "Checkpoint step 0" not in log_path.read_text() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+
+    assert process.returncode != 0
+    _, parent, children = sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert parent.info.status == "KILLED"
+    assert parent.data.metrics["sweep/jobs_killed"] == 1
+    assert list(children) == ["seed=0"]
+    assert children["seed=0"].info.status == "KILLED"
