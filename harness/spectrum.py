@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
+from tqdm.auto import tqdm
 
 from harness.curvature import ValidationResult, compare_eigvals, compute_grams, exact_ggn, gram_eigvals
 from harness.tracking import metric_key
@@ -125,7 +127,8 @@ class SpectrumProbe:
         spectrum = Spectrum(step, eigvals, seconds=time.perf_counter() - start)
 
         start = time.perf_counter()
-        for name in self.validated_groups:
+        # A bar on a terminal only (disable=None), because the exact GGN of many groups takes a while.
+        for name in tqdm(self.validated_groups, desc=f"validate step {step}", unit="group", leave=False, disable=None, file=sys.stderr):
             ggn = exact_ggn(model, self.loss_func, self.inputs, self.targets, self.param_groups[name])
             spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
         spectrum.validation_seconds = time.perf_counter() - start
