@@ -50,7 +50,7 @@ def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, t
     )
 
 
-FAST_SWEEP = ["train.steps=6", "curvature.schedule.kind=every", "curvature.schedule.every=3", "curvature.batch_size=4"]
+FAST_SWEEP = ["train.steps=6", "model.hidden=[4]", "curvature.schedule.kind=every", "curvature.schedule.every=3", "curvature.batch_size=4"]
 
 
 def free_port() -> int:
