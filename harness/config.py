@@ -276,6 +276,7 @@ class TrackingConfig:
     log_model: bool = True
     resume: ResumeMode = ResumeMode.auto
     resume_run_id: Optional[str] = None
+    log_plots: bool = True
 
 
 @dataclass

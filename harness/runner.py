@@ -6,6 +6,7 @@ import logging
 import random
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,13 +218,21 @@ def check_sizes(cfg: DictConfig) -> None:
         raise ValueError(f"Invalid model.hidden={list(cfg.model.hidden)}: every size must be at least 1.")
 
 
-def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Path | None = None) -> str:
+def run(
+    cfg: DictConfig,
+    launch_dir: Path,
+    overrides: list[str],
+    output_dir: Path | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
     """Train the configured model and log its GGN spectra to MLflow; return the run id.
 
     The run ends FINISHED on success, KILLED on SIGINT or SIGTERM (after saving the checkpoint
     ``checkpoints/last.pt``) and FAILED on divergence or any other error, which is re-raised
     after the status is recorded. ``output_dir`` (Hydra's output folder) records the run id, so
     that rerunning into the same folder resumes an unfinished run (``tracking.resume=auto``).
+    ``extra_tags`` are added to a new run's tags (a sweep passes ``mlflow.parentRunId`` and the
+    run name).
     """
     check_sizes(cfg)
     steps = checkpoint_steps(
@@ -277,7 +286,7 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Pat
     state = TrainingState(0, False, DataOrder.start(len(data.train_inputs), batch_size, cfg.seed + 2))
     previous = find_resumable_run(tracker, cfg.tracking.resume_run_id, cfg.tracking.resume.value, output_dir)
     if previous is None:
-        run_id = tracker.start(cfg.tracking.run_name, _start_tags(overrides))
+        run_id = tracker.start(cfg.tracking.run_name, {**_start_tags(overrides), **(extra_tags or {})})
         log.info("Started MLflow run %s in experiment %r at %s", run_id, cfg.tracking.experiment, uri)
     else:
         run_id = previous.info.run_id
@@ -299,7 +308,11 @@ def run(cfg: DictConfig, launch_dir: Path, overrides: list[str], output_dir: Pat
             if previous is None:
                 tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
             tracker.log_params(params)
-            _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name, state, guard, save_checkpoint)
+            spectra = _train(cfg, model, loss_func, optimizer, data, device, steps, probe, tracker, loss_name, state, guard, save_checkpoint)
+            # NOTE: plots come from the spectra of this process: a run that fails or is killed
+            # gets none, and a resumed run plots only the checkpoints after the resume.
+            if cfg.tracking.log_plots:
+                _log_plots(tracker, spectra, cfg.curvature.top_k)
             if cfg.tracking.log_model:
                 tracker.log_bytes(tensor_bytes(torch.save, model.state_dict()), "model/state_dict.pt")
             status = "FINISHED"
@@ -374,11 +387,13 @@ def _train(
     state: TrainingState,
     guard: SignalGuard,
     save_checkpoint: Any,
-) -> None:
+) -> list[Spectrum]:
     """Run optimizer updates from ``state.step`` to ``cfg.train.steps``, with a checkpoint before each listed step.
 
     A signal takes effect at the top of the loop, between two updates, or during a GGN
     computation. The checkpoint ``checkpoints/last.pt`` is saved after each spectrum is logged.
+
+    Returns the spectra computed in this process, in order.
 
     Raises:
         DivergenceError: If the training loss is NaN or infinite.
@@ -388,6 +403,7 @@ def _train(
     pending = set(checkpoints)
     num_outputs = data.num_outputs
     val_inputs, val_targets = data.val_inputs.to(device), data.val_targets.to(device)
+    spectra = []
     progress = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=None, file=sys.stderr)
 
     while True:
@@ -396,7 +412,7 @@ def _train(
         if step in pending and not state.checkpoint_done:
             _check_finite_params(model, step)
             state.rng = rng_states()
-            _checkpoint(cfg, model, probe, tracker, step, guard)
+            spectra.append(_checkpoint(cfg, model, probe, tracker, step, guard))
             state.checkpoint_done, state.rng = True, None
             save_checkpoint()
         if step % cfg.train.eval_every == 0 or step == total:
@@ -428,6 +444,17 @@ def _train(
         state.step, state.checkpoint_done = step + 1, False
         progress.update()
     progress.close()
+    return spectra
+
+
+def _log_plots(tracker: Tracker, spectra: list[Spectrum], top_k: int) -> None:
+    """Log the figures of :func:`harness.plots.run_figures` as PNG artifacts under ``plots/``."""
+    from harness import plots
+
+    for path, figure in plots.run_figures(spectra, top_k).items():
+        tracker.log_figure(figure, path)
+        plots.close(figure)
+    log.info("Logged spectrum plots of %d checkpoints", len(spectra))
 
 
 def _check_finite_params(model: nn.Module, step: int) -> None:

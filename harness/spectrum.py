@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
+from tqdm.auto import tqdm
 
 from harness.curvature import GroupCurvature, ValidationResult, compare_eigvals, compute_curvature, exact_ggn
 from harness.tracking import metric_key
@@ -151,7 +153,8 @@ class SpectrumProbe:
         subset = self.options.get("subsampling")
         inputs = self.inputs if subset is None else self.inputs[list(subset)]
         targets = self.targets if subset is None else self.targets[list(subset)]
-        for name in self.validated_groups:
+        # A bar on a terminal only (disable=None), because the exact GGN of many groups takes a while.
+        for name in tqdm(self.validated_groups, desc=f"validate step {step}", unit="group", leave=False, disable=None, file=sys.stderr):
             ggn = exact_ggn(model, self.loss_func, inputs, targets, self.param_groups[name])
             spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
         spectrum.validation_seconds = time.perf_counter() - start

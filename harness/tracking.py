@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import logging
 import os
@@ -12,7 +14,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -21,6 +24,8 @@ from urllib.parse import unquote, urlparse
 # should not phone home by default; set MLFLOW_DISABLE_TELEMETRY=false to allow it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import sqlalchemy.exc  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from mlflow.entities import Metric, Param, Run, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -30,6 +35,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
 METRICS_PER_BATCH = 500
+# Retries of a call that found the SQLite store locked, and the first wait in seconds (doubled
+# after each retry). MLflow already waits up to 20 s for the lock inside each call.
+LOCKED_RETRIES = 6
+LOCKED_FIRST_WAIT = 0.5
 _INVALID_KEY_CHARACTERS = re.compile(r"[^/\w.\- ]")
 
 
@@ -180,9 +189,11 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_name = experiment
-        self.experiment_id = self._experiment_id(experiment)
+        # MlflowClient creates the store's tables when it is constructed.
+        with store_lock(uri):
+            self.client = RetryingClient(MlflowClient(tracking_uri=uri))
+            self.experiment_id = self._experiment_id(experiment)
         self.run_id: str | None = None
         self._pending: list[Metric] = []
         # Steps already stored per metric key, filled when a run is resumed: a resumed run
@@ -282,6 +293,14 @@ class Tracker:
             local = self.client.download_artifacts(run_id, artifact_file, tmp)
             return Path(local).read_bytes()
 
+    def attach(self, run_id: str) -> None:
+        """Log to the existing run ``run_id`` from now on, for example a sweep's parent run."""
+        self.run_id = run_id
+
+    def child_runs(self) -> list[RunSummary]:
+        """Return the runs whose tag ``mlflow.parentRunId`` is this run, oldest first."""
+        return find_runs(self.uri, self.experiment_id, parent_run_id=self.run_id)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params. A key or value longer than MLflow's limits is stored as the artifact
         ``params/<key>.txt`` instead, since MLflow would reject the whole batch."""
@@ -359,6 +378,137 @@ class Tracker:
         """Return the run's address in an MLflow UI on the default port."""
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A finished or running MLflow run as read back from the store."""
+
+    run_id: str
+    name: str
+    status: str
+    experiment_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+
+
+def _summary(run: Any) -> RunSummary:
+    return RunSummary(
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        status=run.info.status,
+        experiment_id=run.info.experiment_id,
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+    )
+
+
+def find_runs(uri: str, experiment_id: str, parent_run_id: str | None = None) -> list[RunSummary]:
+    """Return the runs of an experiment, or only the children of ``parent_run_id``, oldest first."""
+    client = RetryingClient(MlflowClient(tracking_uri=uri))
+    filter_string = f"tags.`mlflow.parentRunId` = '{parent_run_id}'" if parent_run_id else ""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=1000, order_by=["attributes.start_time ASC"], page_token=token
+        )
+        runs.extend(_summary(run) for run in page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def get_run(uri: str, run_id: str) -> RunSummary:
+    """Return the run ``run_id``.
+
+    Raises:
+        MlflowException: If there is no such run in the store at ``uri``.
+    """
+    return _summary(RetryingClient(MlflowClient(tracking_uri=uri)).get_run(run_id))
+
+
+def get_experiment_id(uri: str, name: str) -> str | None:
+    """Return the id of experiment ``name``, or None if the store at ``uri`` has none of that name."""
+    experiment = RetryingClient(MlflowClient(tracking_uri=uri)).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else None
+
+
+def experiment_name(uri: str, experiment_id: str) -> str:
+    """Return the name of the experiment ``experiment_id``."""
+    return RetryingClient(MlflowClient(tracking_uri=uri)).get_experiment(experiment_id).name
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """Return the ``(step, value)`` pairs of metric ``key`` of a run, by step."""
+    history = RetryingClient(MlflowClient(tracking_uri=uri)).get_metric_history(run_id, key)
+    return sorted((metric.step, metric.value) for metric in history)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Set the final status of a run that its own process did not end (it crashed or was killed)."""
+    RetryingClient(MlflowClient(tracking_uri=uri)).set_terminated(run_id, status=status)
+
+
+def is_database_locked(error: BaseException) -> bool:
+    """Return whether ``error`` is SQLite's "database is locked", as raised directly or by MLflow."""
+    return "database is locked" in str(error)
+
+
+def call_with_retries(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``function``, retrying with exponential backoff while the SQLite store is locked.
+
+    Several jobs of a parallel sweep write to one SQLite file, and a write that waited longer
+    than SQLite's busy timeout fails with "database is locked". The failed transaction is rolled
+    back, so the call is repeated as a whole. Each retry is logged; the last error is re-raised.
+    """
+    wait = LOCKED_FIRST_WAIT
+    for attempt in range(1, LOCKED_RETRIES + 1):
+        try:
+            return function(*args, **kwargs)
+        except (MlflowException, sqlite3.OperationalError, sqlalchemy.exc.OperationalError) as error:
+            if not is_database_locked(error) or attempt == LOCKED_RETRIES:
+                raise
+            name = getattr(function, "__name__", repr(function))
+            log.warning(
+                "Tracking store locked in %s (attempt %d of %d), retrying in %.1f s",
+                name, attempt, LOCKED_RETRIES, wait,
+            )
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose methods retry while the SQLite store is locked.
+
+    See :func:`call_with_retries`. Attributes that are not methods pass through unchanged.
+    """
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+        return functools.partial(call_with_retries, attribute)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive file lock beside a SQLite store; do nothing for other stores.
+
+    MLflow creates the tables of a new SQLite store, and then the experiment, on first use. Two
+    processes doing that at once can both find no tables and fail, so processes that open the
+    same store take turns here. The lock file ``<store>.lock`` stays beside the store.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    store = Path(uri[len("sqlite:///") :])
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{store}.lock", timeout=300):
+        yield
 
 
 def tensor_bytes(save: Any, obj: Any) -> bytes:
