@@ -1,0 +1,81 @@
+"""Count the outliers of the GGN spectrum over training and compare them with the class count.
+
+Reads the runs of the ``study_outliers`` sweep from MLflow. The outliers of a spectrum are the
+eigenvalues above its largest gap: among the 3·C largest eigenvalues λ_1 ≥ λ_2 ≥ …, the gap is
+the largest ratio λ_i / λ_(i+1), and the count is that i.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from harness.results import load_results  # noqa: E402
+
+NUM_CLASSES = 10
+
+
+def count_outliers(eigvals: np.ndarray, num_classes: int = NUM_CLASSES) -> int:
+    """Return how many eigenvalues lie above the largest gap among the 3·C largest ones."""
+    top = eigvals[: 3 * num_classes + 1]
+    top = top[top > 0]
+    if len(top) < 2:
+        return len(top)
+    return int(np.argmax(np.log(top[:-1]) - np.log(top[1:]))) + 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Draw the final spectra and the outlier counts over steps, and print the counts."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store of the sweep")
+    parser.add_argument("--experiment", default="study_outliers", help="MLflow experiment of the sweep")
+    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("figure.png"), help="PNG to write")
+    args = parser.parse_args(argv)
+
+    results = load_results(args.tracking_uri, args.experiment)
+    if not results:
+        raise SystemExit(f"No finished runs in experiment {args.experiment!r}: run the sweep first.")
+
+    counts: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    final: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
+    for result in results:
+        model = result.params.get("model.name", "mlp")
+        last_step = max(result.spectra)
+        for step, groups in result.spectra.items():
+            for group, eigvals in groups.items():
+                counts[(model, group)][step].append(count_outliers(eigvals))
+                if step == last_step:
+                    final[(model, group)].append(eigvals)
+
+    figure, (spectrum_axis, count_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    print("model  group  step  outliers (per seed)")
+    for index, (key, by_step) in enumerate(sorted(counts.items())):
+        label = f"{key[0]} / {key[1]}"
+        steps = sorted(by_step)
+        means = [np.mean(by_step[step]) for step in steps]
+        count_axis.plot(steps, means, marker="o", color=f"C{index}", label=label)
+        for step in steps:
+            print(f"{key[0]:<6} {key[1]:<6} {step:<5d} {by_step[step]}")
+        spectrum = final[key][0][: 4 * NUM_CLASSES]
+        spectrum_axis.semilogy(np.arange(1, len(spectrum) + 1), np.maximum(spectrum, 1e-12), ".", color=f"C{index}", label=label)
+
+    count_axis.axhline(NUM_CLASSES, color="gray", linestyle="--", linewidth=1, label="C = 10")
+    count_axis.set(xscale="symlog", xlabel="step", ylabel="eigenvalues above the largest gap", title="Outliers over training")
+    count_axis.legend(fontsize=7)
+    spectrum_axis.set(xlabel="rank", ylabel="eigenvalue", title="Leading GGN eigenvalues at the last step (seed 0)")
+    spectrum_axis.legend(fontsize=7)
+    figure.tight_layout()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.output, dpi=110)
+    print(f"Wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
