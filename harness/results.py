@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+# Analyses download many small artifacts: a progress bar per file is noise.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Run  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 _SPECTRUM_FILE = re.compile(r"step_(\d+)\.npz$")
 

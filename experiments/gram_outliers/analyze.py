@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
                 if step == last_step:
                     final[(model, group)].append(eigvals)
 
-    figure, (spectrum_axis, count_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    spectrum_axis, count_axis, whole_axis = axes
     print("model  group  step  outliers (per seed)")
     for index, (key, by_step) in enumerate(sorted(counts.items())):
         label = f"{key[0]} / {key[1]}"
@@ -66,8 +67,21 @@ def main(argv: list[str] | None = None) -> None:
         spectrum = final[key][0][: 4 * NUM_CLASSES]
         spectrum_axis.semilogy(np.arange(1, len(spectrum) + 1), np.maximum(spectrum, 1e-12), ".", color=f"C{index}", label=label)
 
+    # The whole net's spectrum of the first run at four checkpoints, to show how the top separates.
+    whole = next((r for r in results if "all" in next(iter(r.spectra.values()))), None)
+    if whole is not None:
+        steps = sorted(whole.spectra)
+        for shade, step in enumerate(steps[:: max(1, len(steps) // 4)]):
+            eigvals = whole.spectra[step]["all"][: 4 * NUM_CLASSES]
+            whole_axis.semilogy(np.arange(1, len(eigvals) + 1), np.maximum(eigvals, 1e-12), ".-", linewidth=0.6, color=plt.cm.viridis(shade / 4), label=f"step {step}")
+        whole_axis.axvline(NUM_CLASSES + 0.5, color="gray", linestyle="--", linewidth=1)
+        whole_axis.set(xlabel="rank", ylabel="eigenvalue", title="Whole net, leading eigenvalues over training")
+        whole_axis.legend(fontsize=7)
+
     count_axis.axhline(NUM_CLASSES, color="gray", linestyle="--", linewidth=1, label="C = 10")
-    count_axis.set(xscale="symlog", xlabel="step", ylabel="eigenvalues above the largest gap", title="Outliers over training")
+    count_axis.set_xscale("symlog", linthresh=1)
+    count_axis.set_xlim(left=0)
+    count_axis.set(xlabel="step", ylabel="eigenvalues above the largest gap", title="Outliers over training")
     count_axis.legend(fontsize=7)
     spectrum_axis.set(xlabel="rank", ylabel="eigenvalue", title="Leading GGN eigenvalues at the last step (seed 0)")
     spectrum_axis.legend(fontsize=7)
