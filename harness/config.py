@@ -19,10 +19,12 @@ from hydra.core.config_store import ConfigStore
 
 class DatasetName(str, Enum):
     """Data sets. ``digits`` (8×8 images, 10 classes) and ``diabetes`` (regression, 1 target) are
-    bundled with scikit-learn, and the others are loaded by ``torchvision.datasets`` from ``root``."""
+    bundled with scikit-learn, ``random`` is Gaussian noise with random labels for benchmarking a
+    net of a given input shape, and the others are loaded by ``torchvision.datasets`` from ``root``."""
 
     digits = "digits"
     diabetes = "diabetes"
+    random = "random"
     mnist = "mnist"
     fashion_mnist = "fashion_mnist"
     cifar10 = "cifar10"
@@ -148,7 +150,8 @@ class DatasetConfig:
 
     ``subset`` keeps a seeded sample of that many examples before the held-out split. ``images``
     gives digits as ``[1, 8, 8]`` images instead of vectors. ``root`` (relative to the folder the
-    command was started from) and ``download`` apply to the torchvision data sets.
+    command was started from) and ``download`` apply to the torchvision data sets. ``shape``,
+    ``num_classes`` and ``num_samples`` set the ``random`` data set.
     """
 
     name: DatasetName = DatasetName.digits
@@ -158,6 +161,9 @@ class DatasetConfig:
     subset: Optional[int] = None
     root: str = "data"
     download: bool = False
+    shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+    num_samples: int = 512
 
 
 @dataclass

@@ -72,7 +72,7 @@ VISION = {
         "CIFAR100", "cifar-100-python", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     ),
 }
-BUNDLED = {"digits": CLASSIFICATION, "diabetes": REGRESSION}
+BUNDLED = {"digits": CLASSIFICATION, "diabetes": REGRESSION, "random": CLASSIFICATION}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -102,10 +102,14 @@ def load_dataset(
     subset: Optional[int] = None,
     root: str | Path = "data",
     download: bool = False,
+    shape: tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    num_samples: int = 512,
 ) -> Data:
     """Load data set ``name`` and split it, as the loader of each set below describes.
 
-    ``images`` applies to ``digits`` only, ``root`` and ``download`` to the torchvision sets.
+    ``images`` applies to ``digits`` only, ``root`` and ``download`` to the torchvision sets,
+    ``shape``, ``num_classes`` and ``num_samples`` to ``random``.
 
     Raises:
         ValueError: If a value is invalid for the data set.
@@ -121,6 +125,8 @@ def load_dataset(
         return load_digits(val_fraction, standardize, seed, images=images, subset=subset)
     if name == "diabetes":
         return load_diabetes(val_fraction, standardize, seed, subset=subset)
+    if name == "random":
+        return load_random(shape, num_classes, num_samples, val_fraction, seed)
     return load_vision(name, root, download, val_fraction, standardize, seed, subset=subset)
 
 
@@ -148,6 +154,26 @@ def load_digits(
         data.train_inputs = data.train_inputs.reshape(-1, 1, 8, 8)
         data.val_inputs = data.val_inputs.reshape(-1, 1, 8, 8)
     return data
+
+
+def load_random(shape: tuple[int, ...], num_classes: int, num_samples: int, val_fraction: float, seed: int) -> Data:
+    """Draw ``num_samples`` standard Gaussian inputs of ``shape`` with uniform random labels.
+
+    Nothing can be learned from this data. It serves to measure the curvature engine on a net
+    whose real data set is not on disk, for example DeepOBS's ``3c3d`` with ``shape=[3, 32, 32]``.
+
+    Raises:
+        ValueError: If a size is not positive.
+    """
+    if num_samples < 1 or num_classes < 1 or any(size < 1 for size in shape):
+        raise ValueError(
+            f"Invalid random data set: num_samples={num_samples}, num_classes={num_classes} and "
+            f"shape={list(shape)} must all be positive."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_samples, *shape, generator=generator)
+    labels = torch.randint(0, num_classes, (num_samples,), generator=generator)
+    return _split(inputs, labels, num_classes, CLASSIFICATION, val_fraction, seed)
 
 
 def load_diabetes(val_fraction: float, standardize: bool, seed: int, subset: Optional[int] = None) -> Data:

@@ -99,6 +99,9 @@ def build_data(cfg: DictConfig, launch_dir: Path) -> datasets.Data:
         subset=cfg.dataset.subset,
         root=launch_dir / Path(cfg.dataset.root).expanduser(),
         download=cfg.dataset.download,
+        shape=tuple(cfg.dataset.shape),
+        num_classes=cfg.dataset.num_classes,
+        num_samples=cfg.dataset.num_samples,
     )
 
 

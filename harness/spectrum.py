@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from backpack import disable
 from torch import Tensor
 from torch.nn import Module, Parameter
 from tqdm.auto import tqdm
@@ -30,6 +31,8 @@ class Spectrum:
         eigvals: Group name to its Gram eigenvalues, descending, numerically zero ones as 0.
         validation: Group name to its comparison with the exact GGN, for validated groups.
         seconds: Wall-clock time of the Gram computation and eigensolves.
+        gradient_seconds: Wall-clock time of one gradient of the loss on the curvature batch,
+            measured just before, the unit in which the cost of the spectrum is reported.
         validation_seconds: Wall-clock time of the exact reference.
         curvature: Group name to its selected eigenpairs and directional derivatives.
     """
@@ -39,11 +42,15 @@ class Spectrum:
     validation: dict[str, ValidationResult] = field(default_factory=dict)
     curvature: dict[str, GroupCurvature] = field(default_factory=dict)
     seconds: float = 0.0
+    gradient_seconds: float = 0.0
     validation_seconds: float = 0.0
 
     def metrics(self, top_k: int, threshold: float) -> dict[str, float]:
         """Return the checkpoint's metrics under the documented keys ``ggn/...``, ``validation/...``."""
         metrics = {"ggn/compute_seconds": self.seconds}
+        if self.gradient_seconds > 0:
+            metrics["ggn/gradient_seconds"] = self.gradient_seconds
+            metrics["ggn/cost_in_gradients"] = self.seconds / self.gradient_seconds
         for group, eigvals in self.eigvals.items():
             metrics[metric_key("ggn", group, "eigval_max")] = eigvals[0].item()
             metrics[metric_key("ggn", group, "num_eigvals_above")] = int((eigvals > threshold).sum())
@@ -134,6 +141,7 @@ class SpectrumProbe:
 
     def compute(self, model: Module, step: int) -> Spectrum:
         """Return the spectrum of ``model`` at ``step``; the parameters' ``.grad`` is cleared after."""
+        gradient_seconds = self._time_gradient(model)
         start = time.perf_counter()
         curvature = compute_curvature(
             model,
@@ -147,7 +155,9 @@ class SpectrumProbe:
             **self.options,
         )
         eigvals = {name: result.eigvals for name, result in curvature.items()}
-        spectrum = Spectrum(step, eigvals, seconds=time.perf_counter() - start, curvature=curvature)
+        spectrum = Spectrum(
+            step, eigvals, seconds=time.perf_counter() - start, gradient_seconds=gradient_seconds, curvature=curvature
+        )
 
         start = time.perf_counter()
         subset = self.options.get("subsampling")
@@ -159,6 +169,16 @@ class SpectrumProbe:
             spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
         spectrum.validation_seconds = time.perf_counter() - start
         return spectrum
+
+
+    def _time_gradient(self, model: Module) -> float:
+        """Return the seconds of one forward and backward pass of the loss on the curvature batch."""
+        params = [p for group in self.param_groups.values() for p in group]
+        start = time.perf_counter()
+        with disable():
+            loss = self.loss_func(model(self.inputs), self.targets)
+            torch.autograd.grad(loss, params)
+        return time.perf_counter() - start
 
 
 def curvature_options(cfg: Any) -> dict[str, Any]:

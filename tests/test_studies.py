@@ -51,6 +51,24 @@ def test_outlier_study(tmp_path):
     assert groups == {"all", "fc1", "fc2"}
 
 
+def test_approximation_study(tmp_path):
+    tiny = ["train.steps=4", "curvature.schedule.num=2", "curvature.batch_size=4", "curvature.subsampling=null,2"]
+    for experiment in ["study_approximation", "study_approximation_3c3d"]:
+        extra = ["dataset.num_samples=8", "train.batch_size=4"] if experiment.endswith("3c3d") else []
+        result = run_cli(["-m", f"experiment={experiment}", *tiny, *extra], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+
+    figure = tmp_path / "approximation.png"
+    analysis = run_analysis("approximation", f"sqlite:///{tmp_path / 'mlflow.db'}", figure)
+
+    assert analysis.returncode == 0, analysis.stderr
+    assert figure.read_bytes().startswith(PNG_SIGNATURE)
+    rows = [line.split(maxsplit=1) for line in analysis.stdout.splitlines()[1:] if line.startswith("study_")]
+    assert len(rows) == 12
+    exact_rows = [row for row in rows if row[1].startswith("exact  ")]
+    assert len(exact_rows) == 2
+
+
 def test_outlier_count_finds_largest_gap():
     sys.path.insert(0, str(REPO / "experiments" / "gram_outliers"))
     from analyze import count_outliers
