@@ -1,4 +1,8 @@
-"""Read finished runs, metric histories and spectra back from MLflow for analysis."""
+"""Read the finished runs of an experiment and their spectra back from MLflow, for analyses.
+
+Runs, params and metric histories come from the read helpers of :mod:`harness.tracking`; this
+module adds the spectra stored as ``spectra/step_<step>.npz`` artifacts.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from harness.tracking import RetryingClient, RunSummary, find_runs, get_experiment_id
+from harness.tracking import metric_history as metric_pairs
+
 # Analyses download many small artifacts: a progress bar per file is noise.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from mlflow.entities import Run  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 _SPECTRUM_FILE = re.compile(r"step_(\d+)\.npz$")
@@ -19,61 +25,56 @@ _SPECTRUM_FILE = re.compile(r"step_(\d+)\.npz$")
 
 @dataclass
 class RunResults:
-    """One run's config params, metric histories and spectra.
+    """One run's params and spectra.
 
     Attributes:
-        run: The MLflow run.
-        params: Flattened config, e.g. ``{"optimizer.lr": "0.1"}``.
+        run: The run as read from the store.
         spectra: Step to group name to eigenvalues (descending), from ``spectra/step_*.npz``.
     """
 
-    run: Run
-    params: dict[str, str]
+    run: RunSummary
     spectra: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:
         """MLflow run id."""
-        return self.run.info.run_id
+        return self.run.run_id
+
+    @property
+    def params(self) -> dict[str, str]:
+        """Flattened config, e.g. ``{"optimizer.lr": "0.1"}``."""
+        return self.run.params
 
 
-def finished_runs(client: MlflowClient, experiment: str) -> list[Run]:
-    """Return the FINISHED runs of ``experiment`` that trained a model (sweep parent runs excluded).
-
-    Raises:
-        ValueError: If the experiment does not exist.
-    """
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise ValueError(f"Experiment {experiment!r} not found in {client.tracking_uri}; it has {names}.")
-    runs = client.search_runs([found.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=5000)
-    return [run for run in runs if "param_groups" in run.data.params]
-
-
-def load_spectra(client: MlflowClient, run_id: str) -> dict[int, dict[str, np.ndarray]]:
+def load_spectra(uri: str, run_id: str) -> dict[int, dict[str, np.ndarray]]:
     """Return step → group → eigenvalues from a run's ``spectra/`` artifacts."""
+    client = RetryingClient(MlflowClient(tracking_uri=uri))
     spectra: dict[int, dict[str, np.ndarray]] = {}
     for artifact in client.list_artifacts(run_id, "spectra"):
         match = _SPECTRUM_FILE.search(artifact.path)
         if match is None:
             continue
         with np.load(client.download_artifacts(run_id, artifact.path)) as archive:
-            spectra[int(match.group(1))] = {key: archive[key] for key in archive.files if key != "step"}
+            spectra[int(match.group(1))] = {
+                key: archive[key] for key in archive.files if key != "step" and not key.startswith("eigvecs/")
+            }
     return dict(sorted(spectra.items()))
 
 
-def metric_history(client: MlflowClient, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return the steps and values of metric ``key``, sorted by step."""
-    history = sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)
-    return np.array([m.step for m in history]), np.array([m.value for m in history])
+def metric_history(uri: str, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return the steps and values of metric ``key`` as arrays, sorted by step."""
+    pairs = metric_pairs(uri, run_id, key)
+    return np.array([step for step, _ in pairs]), np.array([value for _, value in pairs])
 
 
 def load_results(uri: str, experiment: str, with_spectra: bool = True) -> list[RunResults]:
-    """Return the results of every finished run of ``experiment`` in the store at ``uri``."""
-    client = MlflowClient(uri)
-    results = []
-    for run in finished_runs(client, experiment):
-        spectra = load_spectra(client, run.info.run_id) if with_spectra else {}
-        results.append(RunResults(run, dict(run.data.params), spectra))
-    return results
+    """Return the FINISHED training runs of ``experiment`` (sweep parent runs left out).
+
+    Raises:
+        ValueError: If the store at ``uri`` has no experiment of that name.
+    """
+    experiment_id = get_experiment_id(uri, experiment)
+    if experiment_id is None:
+        raise ValueError(f"Experiment {experiment!r} not found in {uri}: run its sweep first, or check --tracking-uri.")
+    runs = [run for run in find_runs(uri, experiment_id) if run.status == "FINISHED" and "param_groups" in run.params]
+    return [RunResults(run, load_spectra(uri, run.run_id) if with_spectra else {}) for run in runs]

@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness.results import RunResults, load_results, metric_history  # noqa: E402
 
@@ -43,7 +42,6 @@ def relative_errors(approx: np.ndarray, exact: np.ndarray, top_k: int = TOP_K) -
 
 def analyze(uri: str, experiment: str) -> tuple[dict[str, dict[int, list[float]]], dict[str, list[float]]]:
     """Return variant → step → mean relative errors (one per seed), and variant → costs."""
-    client = MlflowClient(uri)
     results = load_results(uri, experiment)
     references = {}
     for result in results:
@@ -60,7 +58,7 @@ def analyze(uri: str, experiment: str) -> tuple[dict[str, dict[int, list[float]]
     costs: dict[str, list[float]] = defaultdict(list)
     for result in results:
         label = variant(result)
-        _, cost = metric_history(client, result.run_id, "ggn/cost_in_gradients")
+        _, cost = metric_history(uri, result.run_id, "ggn/cost_in_gradients")
         costs[label].extend(cost.tolist())
         if label == "exact":
             continue

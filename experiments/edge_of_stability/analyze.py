@@ -13,7 +13,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness.results import load_results, metric_history  # noqa: E402
 
@@ -26,7 +25,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("figure.png"), help="PNG to write")
     args = parser.parse_args(argv)
 
-    client = MlflowClient(args.tracking_uri)
     results = sorted(
         load_results(args.tracking_uri, args.experiment, with_spectra=False),
         key=lambda result: float(result.params["optimizer.lr"]),
@@ -39,10 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     for index, result in enumerate(results):
         lr = float(result.params["optimizer.lr"])
         color = f"C{index}"
-        steps, sharpness = metric_history(client, result.run_id, "ggn/all/eigval_max")
+        steps, sharpness = metric_history(args.tracking_uri, result.run_id, "ggn/all/eigval_max")
         sharpness_axis.plot(steps, sharpness, color=color, label=f"lr = {lr:g}")
         sharpness_axis.axhline(2 / lr, color=color, linestyle="--", linewidth=1)
-        loss_steps, loss = metric_history(client, result.run_id, "train/loss")
+        loss_steps, loss = metric_history(args.tracking_uri, result.run_id, "train/loss")
         loss_axis.semilogy(loss_steps, loss, color=color, linewidth=0.8)
 
         late = sharpness[steps >= steps.max() / 2]
