@@ -120,7 +120,9 @@ def test_configs_found_in_regular_install(tmp_path):
         check=True,
         capture_output=True,
     )
-    assert (target / "harness" / "conf" / "experiment" / "mlp_ce.yaml").is_file()
+    shipped = {path.relative_to(REPO / "conf") for path in (REPO / "conf").rglob("*.yaml")}
+    installed = {path.relative_to(target / "harness" / "conf") for path in (target / "harness" / "conf").rglob("*.yaml")}
+    assert installed == shipped
 
     result = subprocess.run(
         [sys.executable, "-m", "harness", "--cfg", "job", "experiment=mlp_ce"],
