@@ -22,6 +22,12 @@ EXPERIMENTS = {
     "cifar10_3c3d": ("cifar10", "deepobs_3c3d", "cross_entropy"),
     "cifar100_allcnnc": ("cifar100", "deepobs_allcnnc", "cross_entropy"),
     "cifar10_resnet": ("cifar10", "resnet", "cross_entropy"),
+    # The sweeps of experiments/, run end to end in test_studies.py.
+    "study_eos": ("digits", "mlp", "mse"),
+    "study_outliers": ("digits", "mlp", "cross_entropy"),
+    "study_outliers_cnn": ("digits", "digits_cnn", "cross_entropy"),
+    "study_approximation": ("digits", "mlp", "cross_entropy"),
+    "study_approximation_3c3d": ("random", "deepobs_3c3d", "cross_entropy"),
 }
 FAST = ["train.steps=4", "train.eval_every=2", "train.log_every=1", "curvature.schedule.kind=every", "curvature.schedule.every=2"]
 

@@ -24,7 +24,7 @@ from harness.runner import run
 from harness.tracking import Tracker, TrackingError
 
 # Seconds per checkpoint differ between runs, so they are left out of the comparisons.
-TIMINGS = {"ggn/compute_seconds", "validation/seconds"}
+TIMINGS = {"ggn/compute_seconds", "ggn/gradient_seconds", "ggn/cost_in_gradients", "validation/seconds"}
 # Monte-Carlo GGN draws random numbers, so identical spectra also show that the generators resume.
 RESUMABLE = [
     "train.steps=300",

@@ -38,17 +38,19 @@ def test_edge_of_stability_study(tmp_path):
 
 
 def test_outlier_study(tmp_path):
-    sweep = ["-m", "experiment=study_outliers", "train.steps=10", "curvature.schedule.num=3", "curvature.batch_size=8", "hydra.sweeper.params.seed=0"]
-    result = run_cli(sweep, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    for experiment in ["study_outliers", "study_outliers_cnn"]:
+        sweep = ["-m", f"experiment={experiment}", "train.steps=10", "curvature.schedule.num=3", "curvature.batch_size=8", "hydra.sweeper.params.seed=0"]
+        result = run_cli(sweep, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
 
     figure = tmp_path / "outliers.png"
     analysis = run_analysis("gram_outliers", f"sqlite:///{tmp_path / 'mlflow.db'}", figure)
 
     assert analysis.returncode == 0, analysis.stderr
     assert figure.read_bytes().startswith(PNG_SIGNATURE)
-    groups = {line.split()[1] for line in analysis.stdout.splitlines()[1:] if line.startswith("mlp")}
-    assert groups == {"all", "fc1", "fc2"}
+    rows = [line.split() for line in analysis.stdout.splitlines()[1:] if line.startswith(("mlp", "digits_cnn"))]
+    assert {row[1] for row in rows if row[0] == "mlp"} == {"all", "fc1", "fc2"}
+    assert {row[1] for row in rows if row[0] == "digits_cnn"} == {"all", "conv1", "conv2", "fc"}
 
 
 def test_approximation_study(tmp_path):

@@ -35,13 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     """Draw the final spectra and the outlier counts over steps, and print the counts."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store of the sweep")
-    parser.add_argument("--experiment", default="study_outliers", help="MLflow experiment of the sweep")
+    parser.add_argument(
+        "--experiment", nargs="+", default=["study_outliers", "study_outliers_cnn"], help="MLflow experiments of the sweeps"
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("figure.png"), help="PNG to write")
     args = parser.parse_args(argv)
 
-    results = load_results(args.tracking_uri, args.experiment)
+    results = [result for experiment in args.experiment for result in load_results(args.tracking_uri, experiment)]
     if not results:
-        raise SystemExit(f"No finished runs in experiment {args.experiment!r}: run the sweep first.")
+        raise SystemExit(f"No finished runs in experiments {args.experiment}: run the sweeps first.")
 
     counts: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     final: dict[tuple[str, str], list[np.ndarray]] = defaultdict(list)
@@ -56,26 +58,26 @@ def main(argv: list[str] | None = None) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     spectrum_axis, count_axis, whole_axis = axes
-    print("model  group  step  outliers (per seed)")
+    print("model       group  step  outliers (per seed)")
     for index, (key, by_step) in enumerate(sorted(counts.items())):
         label = f"{key[0]} / {key[1]}"
         steps = sorted(by_step)
         means = [np.mean(by_step[step]) for step in steps]
         count_axis.plot(steps, means, marker="o", color=f"C{index}", label=label)
         for step in steps:
-            print(f"{key[0]:<6} {key[1]:<6} {step:<5d} {by_step[step]}")
+            print(f"{key[0]:<11} {key[1]:<6} {step:<5d} {by_step[step]}")
         spectrum = final[key][0][: 4 * NUM_CLASSES]
         spectrum_axis.semilogy(np.arange(1, len(spectrum) + 1), np.maximum(spectrum, 1e-12), ".", color=f"C{index}", label=label)
 
-    # The whole net's spectrum of the first run at four checkpoints, to show how the top separates.
-    whole = next((r for r in results if "all" in next(iter(r.spectra.values()))), None)
+    # The MLP's whole-net spectrum of the first run at four checkpoints, to show how the top separates.
+    whole = next((r for r in results if "all" in next(iter(r.spectra.values())) and r.params.get("model.name") == "mlp"), None)
     if whole is not None:
         steps = sorted(whole.spectra)
         for shade, step in enumerate(steps[:: max(1, len(steps) // 4)]):
             eigvals = whole.spectra[step]["all"][: 4 * NUM_CLASSES]
             whole_axis.semilogy(np.arange(1, len(eigvals) + 1), np.maximum(eigvals, 1e-12), ".-", linewidth=0.6, color=plt.cm.viridis(shade / 4), label=f"step {step}")
         whole_axis.axvline(NUM_CLASSES + 0.5, color="gray", linestyle="--", linewidth=1)
-        whole_axis.set(xlabel="rank", ylabel="eigenvalue", title="Whole net, leading eigenvalues over training")
+        whole_axis.set(xlabel="rank", ylabel="eigenvalue", title="MLP, whole net, leading eigenvalues over training")
         whole_axis.legend(fontsize=7)
 
     count_axis.axhline(NUM_CLASSES, color="gray", linestyle="--", linewidth=1, label="C = 10")
