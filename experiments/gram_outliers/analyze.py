@@ -1,8 +1,8 @@
 """Count the outliers of the GGN spectrum over training and compare them with the class count.
 
-Reads the runs of the ``study_outliers`` sweep from MLflow. The outliers of a spectrum are the
-eigenvalues above its largest gap: among the 3·C largest eigenvalues λ_1 ≥ λ_2 ≥ …, the gap is
-the largest ratio λ_i / λ_(i+1), and the count is that i.
+Reads the runs of the ``study_outliers`` and ``study_outliers_cnn`` sweeps from MLflow. The
+outliers of a spectrum are the eigenvalues above its largest gap: among the 3·C largest
+eigenvalues λ_1 ≥ λ_2 ≥ …, the gap is the largest ratio λ_i / λ_(i+1), and the count is that i.
 """
 
 from __future__ import annotations
