@@ -302,6 +302,29 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+def check_known_keys(cfg: Any) -> None:
+    """Reject keys that the schema does not declare.
+
+    Hydra's ``+key=value`` adds a key even where the schema rejects ``key=value``, so a misspelled
+    ``+optimzer.lr=0.1`` would otherwise run with the value silently unused. Free-form mappings
+    such as ``grouping.patterns`` still take any key.
+
+    Raises:
+        ValueError: Naming the first unknown key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
+    except ConfigKeyError as error:
+        raise ValueError(
+            f"Unknown config key {error.full_key!r}: the harness does not read it, so its value "
+            "would have no effect. Check the spelling against 'python -m harness --cfg job'; a "
+            "leading '+' adds keys only to free-form mappings such as grouping.patterns."
+        ) from error
+
+
 def register_configs() -> None:
     """Register the schema as ``config_schema`` for ``conf/config.yaml``'s defaults list."""
     ConfigStore.instance().store(name="config_schema", node=Config)

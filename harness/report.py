@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     file_name = metric_key(args.metric).replace("/", "_")
     output = args.output or Path(f"report_{file_name}.png")
     figure.savefig(output, dpi=120)
-    print(f"Saved {output}: {report.num_runs} runs in {len(report.curves)} lines")
+    lines = len(report.curves)
+    print(f"Saved {output}: {report.num_runs} runs in {lines} {'line' if lines == 1 else 'lines'}")
 
     if args.log:
         parent = get_run(uri, args.sweep)

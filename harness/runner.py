@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from harness import data as datasets
 from harness import models
 from harness.checkpointing import CHECKPOINT_ARTIFACT, DataOrder, TrainingState, checkpoint_bytes, rng_states
+from harness.config import check_known_keys
 from harness.faults import DivergenceError, RunInterrupted, SignalGuard
 from harness.groups import build_param_groups
 from harness.resume import RUN_ID_FILE, find_resumable_run, restore_training_state
@@ -237,6 +238,7 @@ def run(
     ``extra_tags`` are added to a new run's tags (a sweep passes ``mlflow.parentRunId`` and the
     run name).
     """
+    check_known_keys(cfg)
     check_sizes(cfg)
     steps = checkpoint_steps(
         cfg.train.steps,

@@ -198,3 +198,11 @@ def test_unwritable_artifact_location_rejected(compose_config, tmp_path, sqlite_
         start_run(compose_config, tmp_path, [], uri=uri)
 
     assert client.search_runs([experiment_id]) == []
+
+
+def test_unknown_key_added_with_plus_rejected(compose_config, tmp_path):
+    cfg = compose_config(["+optimizer.lrr=5"])
+
+    with pytest.raises(ValueError, match="Unknown config key 'optimizer.lrr'"):
+        run(cfg, tmp_path, [])
+    assert not (tmp_path / "mlflow.db").exists()

@@ -131,7 +131,7 @@ def test_report_of_parallel_sweep(parallel_sweep, tmp_path):
     )
 
     assert result.returncode == 0, result.stderr
-    assert "4 runs in 1 lines" in result.stdout
+    assert "4 runs in 1 line" in result.stdout
     assert output.read_bytes().startswith(PNG_MAGIC)
     logged = [a.path for a in client.list_artifacts(parent.info.run_id, "plots/report")]
     assert logged == ["plots/report/ggn_all_eigval_max.png"]
