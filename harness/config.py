@@ -74,7 +74,7 @@ class Reduction(str, Enum):
 
 
 class Grouping(str, Enum):
-    """How parameters are split into groups, each with its own GGN block."""
+    """Split of the parameters into groups, each with its own GGN block."""
 
     all = "all"
     per_layer = "per_layer"
@@ -84,7 +84,7 @@ class Grouping(str, Enum):
 
 
 class Unmatched(str, Enum):
-    """What ``grouping=regex`` does with parameters that no pattern matches."""
+    """Treatment of parameters that no pattern of ``grouping=regex`` matches."""
 
     rest = "rest"
     ignore = "ignore"
@@ -137,7 +137,7 @@ class BudgetAction(str, Enum):
 
 
 class ScheduleKind(str, Enum):
-    """How checkpoint steps are chosen: listed, every k steps, or log-spaced."""
+    """Rule for the checkpoint steps: listed, every k steps, or log-spaced."""
 
     steps = "steps"
     every = "every"

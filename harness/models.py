@@ -94,9 +94,10 @@ def deepobs_3c3d(in_channels: int = 3, num_classes: int = 10) -> nn.Sequential:
 def deepobs_allcnnc(in_channels: int = 3, num_classes: int = 100) -> nn.Sequential:
     """Build DeepOBS's ``allcnnc`` (All-CNN-C) for 32×32 inputs (1,387,108 parameters for 100 classes).
 
-    Nine convolutions of 96, 96, 96 (stride 2), 192, 192, 192 (stride 2), 192 (3×3 'valid'), 192
-    (1×1) and ``num_classes`` (1×1) channels with ReLU, dropout 0.2 on the input and 0.5 after
-    each stride-2 convolution, and 6×6 average pooling to the class scores.
+    Nine convolutions with ReLU: 96, 96 and 96 (stride 2) channels, then 192, 192 and 192
+    (stride 2), then 192 (3×3 'valid'), 192 (1×1) and ``num_classes`` (1×1). Dropout of 0.2 acts
+    on the input and of 0.5 after each stride-2 convolution, and 6×6 average pooling gives the
+    class scores.
     """
     return nn.Sequential(
         OrderedDict(

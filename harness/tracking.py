@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-# MLflow 3 sends usage telemetry to its vendor's servers unless told not to. A research harness
-# should not phone home by default; set MLFLOW_DISABLE_TELEMETRY=false to allow it.
+# MLflow 3 sends usage telemetry to its vendor's servers unless MLFLOW_DISABLE_TELEMETRY is set.
+# A research harness should not send data out by default; set it to false to allow telemetry.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import sqlalchemy.exc  # noqa: E402
