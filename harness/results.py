@@ -6,9 +6,13 @@ module adds the spectra stored as ``spectra/step_<step>.npz`` artifacts.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,3 +82,23 @@ def load_results(uri: str, experiment: str, with_spectra: bool = True) -> list[R
         raise ValueError(f"Experiment {experiment!r} not found in {uri}: run its sweep first, or check --tracking-uri.")
     runs = [run for run in find_runs(uri, experiment_id) if run.status == "FINISHED" and "param_groups" in run.params]
     return [RunResults(run, load_spectra(uri, run.run_id) if with_spectra else {}) for run in runs]
+
+
+def study_arguments(description: str, experiments: Sequence[str], script: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the options of a study's analysis: the store, its experiments and the figure to write.
+
+    The figure defaults to ``figure.png`` beside ``script``, where the study's README shows it.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store of the sweeps")
+    parser.add_argument("--experiment", nargs="+", default=list(experiments), help="MLflow experiments of the sweeps")
+    parser.add_argument("--output", type=Path, default=Path(script).with_name("figure.png"), help="PNG to write")
+    return parser.parse_args(argv)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, creating its folder, and print where it went."""
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    print(f"Wrote {path}")

@@ -8,9 +8,7 @@ top-k eigenvalues of |λ̃_i − λ_i| / λ_i; the cost is ``ggn/cost_in_gradien
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
-from pathlib import Path
 
 import matplotlib
 
@@ -18,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harness.results import RunResults, load_results, metric_history  # noqa: E402
+from harness.results import RunResults, load_results, metric_history, save_figure, study_arguments  # noqa: E402
 
 TOP_K = 10
 
@@ -70,13 +68,7 @@ def analyze(uri: str, experiment: str) -> tuple[dict[str, dict[int, list[float]]
 
 def main(argv: list[str] | None = None) -> None:
     """Draw error over steps and cost per variant for each experiment, and print a table."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store of the sweeps")
-    parser.add_argument(
-        "--experiment", nargs="+", default=["study_approximation", "study_approximation_3c3d"], help="MLflow experiments"
-    )
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("figure.png"), help="PNG to write")
-    args = parser.parse_args(argv)
+    args = study_arguments(__doc__, ["study_approximation", "study_approximation_3c3d"], __file__, argv)
 
     figure, axes = plt.subplots(len(args.experiment), 2, figsize=(11, 3.6 * len(args.experiment)), squeeze=False)
     print("experiment                  variant              mean rel. error of top-10   cost [gradients]")
@@ -101,10 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         cost_axis.bar(range(len(labels)), [np.median(costs[label]) for label in labels], color=[f"C{i}" for i in range(len(labels))])
         cost_axis.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
         cost_axis.set(ylabel="median cost [gradient evaluations]", title=f"{experiment}: cost")
-    figure.tight_layout()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output, dpi=110)
-    print(f"Wrote {args.output}")
+    save_figure(figure, args.output)
 
 
 if __name__ == "__main__":

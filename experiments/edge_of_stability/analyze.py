@@ -5,8 +5,6 @@ Reads the runs of the ``study_eos`` sweep from MLflow and writes the figure and 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import matplotlib
 
@@ -14,23 +12,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harness.results import load_results, metric_history  # noqa: E402
+from harness.results import load_results, metric_history, save_figure, study_arguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     """Draw λ_max and the training loss per learning rate, and print λ_max / (2/lr)."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store of the sweep")
-    parser.add_argument("--experiment", default="study_eos", help="MLflow experiment of the sweep")
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("figure.png"), help="PNG to write")
-    args = parser.parse_args(argv)
-
+    args = study_arguments(__doc__, ["study_eos"], __file__, argv)
     results = sorted(
-        load_results(args.tracking_uri, args.experiment, with_spectra=False),
+        (result for experiment in args.experiment for result in load_results(args.tracking_uri, experiment, with_spectra=False)),
         key=lambda result: float(result.params["optimizer.lr"]),
     )
     if not results:
-        raise SystemExit(f"No finished runs in experiment {args.experiment!r}: run the sweep first.")
+        raise SystemExit(f"No finished runs in experiments {args.experiment}: run the sweep first.")
 
     figure, (sharpness_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     print("lr     2/lr    mean eigval_max over the last half   ratio")
@@ -49,10 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     sharpness_axis.set(xlabel="step", ylabel="largest GGN eigenvalue", title="Sharpness (dashed: 2 / lr)")
     sharpness_axis.legend()
     loss_axis.set(xlabel="step", ylabel="training loss (full batch)", title="Loss")
-    figure.tight_layout()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output, dpi=110)
-    print(f"Wrote {args.output}")
+    save_figure(figure, args.output)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ eigenvalues λ_1 ≥ λ_2 ≥ …, the gap is the largest ratio λ_i / λ_(i+1),
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
-from pathlib import Path
 
 import matplotlib
 
@@ -17,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from harness.results import load_results  # noqa: E402
+from harness.results import load_results, save_figure, study_arguments  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -33,13 +31,7 @@ def count_outliers(eigvals: np.ndarray, num_classes: int = NUM_CLASSES) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Draw the final spectra and the outlier counts over steps, and print the counts."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store of the sweep")
-    parser.add_argument(
-        "--experiment", nargs="+", default=["study_outliers", "study_outliers_cnn"], help="MLflow experiments of the sweeps"
-    )
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("figure.png"), help="PNG to write")
-    args = parser.parse_args(argv)
+    args = study_arguments(__doc__, ["study_outliers", "study_outliers_cnn"], __file__, argv)
 
     results = [result for experiment in args.experiment for result in load_results(args.tracking_uri, experiment)]
     if not results:
@@ -87,10 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     count_axis.legend(fontsize=7)
     spectrum_axis.set(xlabel="rank", ylabel="eigenvalue", title="Leading GGN eigenvalues at the last step (seed 0)")
     spectrum_axis.legend(fontsize=7)
-    figure.tight_layout()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.output, dpi=110)
-    print(f"Wrote {args.output}")
+    save_figure(figure, args.output)
 
 
 if __name__ == "__main__":

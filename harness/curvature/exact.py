@@ -57,11 +57,11 @@ def exact_ggn(
 
 def _names_of(model: Module, params: Sequence[Parameter]) -> list[str]:
     """Return the names of ``params`` in ``model``, in the model's parameter order."""
-    wanted = {id(p) for p in params}
-    names = [name for name, p in model.named_parameters() if id(p) in wanted]
-    if len(names) != len(wanted):
+    requested = {id(p) for p in params}
+    names = [name for name, p in model.named_parameters() if id(p) in requested]
+    if len(names) != len(requested):
         raise ValueError(
-            f"{len(wanted) - len(names)} of {len(wanted)} parameters are not in the model: "
+            f"{len(requested) - len(names)} of {len(requested)} parameters are not in the model: "
             "pass parameters of the model being validated."
         )
     return names

@@ -4,10 +4,11 @@ The generalized Gauss-Newton matrix of a loss averaged or summed over N samples 
 outputs factorizes as G = V Vᵀ with V of shape [D, N·C]. Its nonzero eigenvalues are those of the
 Gram matrix Vᵀ V of shape [N·C, N·C], which is small when D is large. BackPACK's ``SqrtGGNExact``
 and ``SqrtGGNMC`` extensions backpropagate the factor S of V to each module's output. For Linear
-and convolution layers, the module extensions here contract S with the layer input into the Gram
-matrix without building the layer's slice of V, or build that slice a few output features at a
-time, whichever is cheaper (see ``harness.curvature.structured``). For every other layer, BackPACK builds the parameter's slice of V and the extension
-hook contracts it and deletes it at once, so V of the whole net never exists in memory.
+and convolution layers, the module extensions here take the cheaper of two paths (see
+``harness.curvature.structured``): they contract S with the layer input into the Gram matrix
+without building the layer's slice of V, or they build that slice a few output features at a
+time. For every other layer, BackPACK builds the parameter's slice of V and the extension hook
+contracts it and deletes it at once, so V of the whole net never exists in memory.
 
 Optionally the factor carries one extra column per sample, the gradient of the loss with respect
 to the model output. BackPACK backpropagates it like the other columns, so the Gram matrix then
