@@ -76,8 +76,8 @@ def test_auto_path_chosen_per_layer():
     check_all_groups_computed(accumulator)
 
     assert accumulator.paths[id(model[4].weight)] == "structured"
-    # 4×4 output positions make the structured contraction cost 16² products per pair of rows,
-    # more than the 3·2·9 weights that the chunked path contracts.
+    # conv1 has L = 4·4 output positions: the structured path contracts an L×L input kernel
+    # per pair of samples, more work than the 3·2·9 weights per pair of rows on the chunked path.
     assert accumulator.paths[id(model[0].weight)] == "chunked"
 
 
@@ -98,6 +98,19 @@ def test_chunked_path_splits_output_features(monkeypatch):
     chunked = compute_grams(model, loss_func, inputs, labels, groups, path="chunked")["all"]
 
     torch.testing.assert_close(chunked, reference, rtol=1e-10, atol=1e-13)
+
+
+def test_structured_path_in_blocks_of_one_sample(monkeypatch):
+    model, loss_func, inputs, labels = problem("conv2d", seed=3, num_samples=5)
+    groups = {"all": list(model.parameters())}
+    reference = compute_grams(model, loss_func, inputs, labels, groups, path="materialized")["all"]
+    # One sample per kernel block and per piece of T: every loop of the structured path runs.
+    monkeypatch.setattr("harness.curvature.structured.CHUNK_ENTRIES", 1)
+    monkeypatch.setattr("harness.curvature.structured.GROUP_ENTRIES", 1)
+
+    structured = compute_grams(model, loss_func, inputs, labels, groups, path="structured")["all"]
+
+    torch.testing.assert_close(structured, reference, rtol=1e-10, atol=1e-13)
 
 
 def test_no_factor_left_on_parameters():
