@@ -112,7 +112,9 @@ def run_method(method: str, model, loss_func, inputs, labels):
         result = compute_curvature(model, loss_func, inputs, labels, {"all": params}, dtype=torch.float32, top_k=TOP_K)
         return result["all"].selected
     if method == "materialized":
-        grams = compute_grams(model, loss_func, inputs, labels, {"all": params}, dtype=torch.float32, path="materialized")
+        grams = compute_grams(
+            model, loss_func, inputs, labels, {"all": params}, dtype=torch.float32, path="materialized", reduced_factor=False
+        )
         return gram_eigvals(grams["all"])
     if method == "curvlinops_topk":
         from curvlinops import GGNLinearOperator

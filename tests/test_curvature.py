@@ -5,6 +5,7 @@ import torch
 from torch.nn import CrossEntropyLoss, Linear, MSELoss, ReLU, Sequential, Sigmoid
 
 from harness.curvature import compare_eigvals, compute_grams, exact_ggn, gram_eigvals
+from harness.curvature.gram import reduced_cross_entropy_factor
 from harness.groups import build_param_groups
 
 
@@ -52,8 +53,9 @@ def test_wrong_scaling_fails_validation():
     assert not compare_eigvals(eigvals * 4, ggn, rtol=1e-4, atol=1e-7).passed
 
 
+@pytest.mark.parametrize("reduced_factor", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cross_entropy_matches_exact_ggn(reduction):
+def test_cross_entropy_matches_exact_ggn(reduction, reduced_factor):
     torch.manual_seed(1)
     inputs = torch.randn(6, 4, dtype=torch.float64)
     labels = torch.randint(0, 5, (6,))
@@ -61,14 +63,34 @@ def test_cross_entropy_matches_exact_ggn(reduction):
     loss_func = CrossEntropyLoss(reduction=reduction)
     params = list(model.parameters())
 
-    eigvals = gram_eigvals(compute_grams(model, loss_func, inputs, labels, {"all": params})["all"])
+    grams = compute_grams(model, loss_func, inputs, labels, {"all": params}, reduced_factor=reduced_factor)
+    eigvals = gram_eigvals(grams["all"])
     ggn = exact_ggn(model, loss_func, inputs, labels, params)
     result = compare_eigvals(eigvals, ggn, rtol=1e-8, atol=1e-12)
 
-    assert eigvals.numel() == 6 * 5
+    # BackPACK's factor has C = 5 columns per sample, the reduced one C - 1 = 4.
+    assert eigvals.numel() == 6 * (4 if reduced_factor else 5)
     assert result.passed, (result.gram_eigvals, result.exact_eigvals)
     # Softmax's loss Hessian has the all-ones null vector, so each sample adds at most C-1 = 4.
     assert int((eigvals > 1e-10).sum()) <= 6 * 4
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 40.0])
+def test_reduced_cross_entropy_factor_squares_to_hessian(scale):
+    """S Sᵀ per sample equals the autograd Hessian of CE in the logits, also for p near one-hot."""
+    torch.manual_seed(3)
+    logits = scale * torch.randn(5, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (5,))
+
+    factor = reduced_cross_entropy_factor(logits, "mean", batch_size=5)
+
+    assert factor.shape == (6, 5, 7)
+    for sample in range(5):
+        hessian = torch.autograd.functional.hessian(
+            lambda z: torch.nn.functional.cross_entropy(z.unsqueeze(0), labels[sample : sample + 1]), logits[sample]
+        )
+        square = factor[:, sample].T @ factor[:, sample]
+        torch.testing.assert_close(5 * square, hessian, rtol=1e-10, atol=1e-13)
 
 
 def test_per_layer_groups_match_blocks_and_traces():

@@ -135,7 +135,13 @@ def compute_curvature(
     if memory_budget_gb is not None:
         with torch.no_grad():
             num_outputs = model(inputs[:2]).shape[1:].numel()
-        columns = (num_outputs if approximation == "exact" else mc_samples) + int(directional_derivatives)
+        if approximation == "mc":
+            columns = mc_samples
+        elif isinstance(loss_func, torch.nn.CrossEntropyLoss) and num_outputs >= 2:
+            columns = num_outputs - 1
+        else:
+            columns = num_outputs
+        columns += int(directional_derivatives)
         estimate = estimate_memory(model, inputs, param_groups, columns, subset_size, dtype, path)
         if not check_budget(estimate, memory_budget_gb):
             if on_budget_exceeded == "error":
@@ -169,6 +175,9 @@ def compute_curvature(
         else:
             eigvals, vectors = torch.linalg.eigvalsh(gram), None
         eigvals = zero_noise(eigvals.flip(0), rows, dtype)
+        if accumulator.dropped_columns:
+            # The reduced cross-entropy factor leaves out N columns whose eigenvalues are exactly 0.
+            eigvals = torch.cat([eigvals, eigvals.new_zeros(accumulator.dropped_columns * subset_size)])
         chosen = select_eigvals(eigvals, top_k, min_eigval, model_eps, name)
         result = GroupCurvature(eigvals, eigvals[chosen], None if vectors is None else vectors[:, chosen])
         if directional_derivatives:

@@ -10,6 +10,12 @@ without building the layer's slice of V, or they build that slice a few output f
 time. For every other layer, BackPACK builds the parameter's slice of V and the extension hook
 contracts it and deletes it at once, so V of the whole net never exists in memory.
 
+For cross-entropy, the Hessian of the loss with respect to the C logits of a sample,
+diag(p) − p pᵀ, has rank C − 1. BackPACK's factor of it has C columns; by default the loss rule
+here replaces it by an exact factor with C − 1 columns, which shrinks every later step (the
+backpropagation and the Gram contractions) by a factor (C − 1)/C or its square. The Gram matrix
+then has N rows fewer; the eigenvalues it lacks are exactly zero.
+
 Optionally the factor carries one extra column per sample, the gradient of the loss with respect
 to the model output. BackPACK backpropagates it like the other columns, so the Gram matrix then
 also contains the products of per-sample gradients with V and with each other.
@@ -57,6 +63,9 @@ class GramAccumulator:
         path: For Linear and convolution weights: ``"auto"`` (per layer, the cheaper of
             structured and chunked), ``"structured"``, ``"chunked"`` (wherever they apply), or
             ``"materialized"`` (BackPACK's whole slice of V, the reference).
+        reduced_factor: For the exact GGN of a cross-entropy loss, factor each sample's loss
+            Hessian with C − 1 columns instead of BackPACK's C (see the module docstring).
+            ``dropped_columns`` then says how many factor columns per sample were left out.
 
     Raises:
         ValueError: If the approximation or path is unknown, ``mc_samples < 1``, a group is
@@ -72,6 +81,7 @@ class GramAccumulator:
         subsampling: Sequence[int] | None = None,
         with_gradient: bool = False,
         path: str = "auto",
+        reduced_factor: bool = True,
     ) -> None:
         if approximation not in APPROXIMATIONS:
             raise ValueError(
@@ -101,6 +111,8 @@ class GramAccumulator:
         self.subsampling = None if subsampling is None else list(subsampling)
         self.with_gradient = with_gradient
         self.path = path
+        self.reduced_factor = reduced_factor
+        self.dropped_columns = 0
         self.grams: dict[str, Tensor] = {}
         self.coefficients: dict[str, Tensor] | None = None
         self.projections: dict[int, Tensor] = {}
@@ -126,10 +138,14 @@ class GramAccumulator:
         }
         for module_type, base in layer_rules.items():
             extension.set_module_extension(module_type, _gram_layer_rule(base, self), overwrite=True)
+        loss_rules = {}
         if self.with_gradient:
             loss_rules = {MSELoss: SqrtGGNMSELoss, CrossEntropyLoss: SqrtGGNCrossEntropyLoss}
-            for module_type, base in loss_rules.items():
-                extension.set_module_extension(module_type, _gradient_loss_rule(base), overwrite=True)
+        if self.reduced_factor and self.approximation == "exact":
+            loss_rules[CrossEntropyLoss] = _reduced_cross_entropy_rule(self)
+        for module_type, base in loss_rules.items():
+            rule = _gradient_loss_rule(base) if self.with_gradient else base()
+            extension.set_module_extension(module_type, rule, overwrite=True)
         return extension
 
     def hook(self, module: Module) -> None:
@@ -173,6 +189,7 @@ class GramAccumulator:
         """Drop the Gram matrices and projections of the previous backward pass."""
         self.grams = {}
         self.projections = {}
+        self.dropped_columns = 0
 
 
 def _gram_layer_rule(base: type, accumulator: GramAccumulator):
@@ -204,12 +221,14 @@ def _gram_layer_rule(base: type, accumulator: GramAccumulator):
                 accumulator.add_factor(param, factor.flatten(start_dim=2).flatten(end_dim=1))
                 return
 
+            if name == "bias":
+                factor = structured.layer_factor(module, backproped).to(accumulator.dtype)
+                accumulator.add_factor(param, structured.structured_bias_factor(factor))
+                return
             inputs, factor = structured.layer_input_and_factor(module, backproped)
             inputs = _subsample(inputs, ext.get_subsampling()).to(accumulator.dtype)
             factor = factor.to(accumulator.dtype)
-            if name == "bias":
-                accumulator.add_factor(param, structured.structured_bias_factor(factor))
-            elif accumulator.coefficients is not None:
+            if accumulator.coefficients is not None:
                 projection = structured.structured_weight_vjp(inputs, factor, accumulator.coefficients[group])
                 accumulator.add_projection(param, projection.flatten(start_dim=1).T)
             elif path == "chunked":
@@ -238,6 +257,48 @@ def _weight_path(module: Module, backproped: Tensor, requested: str) -> str:
 
 def _subsample(tensor: Tensor, subsampling: list[int] | None) -> Tensor:
     return tensor if subsampling is None else tensor[subsampling]
+
+
+def reduced_cross_entropy_factor(logits: Tensor, reduction: str, batch_size: int) -> Tensor:
+    """Return a factor S of shape [C − 1, N, C] with Σ_r S[r, n] S[r, n]ᵀ = the CE Hessian of sample n.
+
+    With τ = sqrt(p) (p the softmax of the logits, ‖τ‖ = 1), the Hessian is
+    diag(τ) (I − τ τᵀ) diag(τ). The Householder reflection Q = I − 2 w wᵀ / ‖w‖² with
+    w = τ + e_C maps τ to −e_C, so its first C − 1 columns are an orthonormal basis of τ's
+    complement and diag(τ) Q[:, :C−1] is the factor. ‖w‖² = 2 + 2 τ_C ≥ 2 keeps it stable.
+
+    Args:
+        logits: Model outputs [N, C] of the samples whose factor is computed.
+        reduction: The loss's reduction; ``"mean"`` scales by 1/sqrt(batch_size) as BackPACK.
+        batch_size: Number of samples of the whole batch (before subsampling).
+    """
+    tau = torch.softmax(logits, dim=1).sqrt()
+    num_classes = tau.shape[1]
+    reflector = tau.clone()
+    reflector[:, -1] += 1
+    weights = tau[:, :-1] / (1 + tau[:, -1:])
+    basis = torch.eye(num_classes, num_classes - 1, dtype=tau.dtype, device=tau.device)
+    basis = basis - reflector.unsqueeze(2) * weights.unsqueeze(1)
+    factor = tau.unsqueeze(2) * basis
+    if reduction == "mean":
+        factor = factor / batch_size**0.5
+    return factor.permute(2, 0, 1)
+
+
+def _reduced_cross_entropy_rule(accumulator: GramAccumulator) -> type:
+    """Build a cross-entropy rule that starts the exact factor with C − 1 columns per sample."""
+
+    class ReducedCrossEntropyRule(SqrtGGNCrossEntropyLoss):
+        def backpropagate(self, ext, module, grad_inp, grad_out, backproped):
+            logits = module.input0
+            if logits.dim() != 2 or logits.shape[1] < 2:
+                return super().backpropagate(ext, module, grad_inp, grad_out, backproped)
+            self.derivatives._check_2nd_order_parameters(module)
+            accumulator.dropped_columns = 1
+            logits = _subsample(logits, ext.get_subsampling())
+            return reduced_cross_entropy_factor(logits.detach(), module.reduction, module.input0.shape[0])
+
+    return ReducedCrossEntropyRule
 
 
 def _gradient_loss_rule(base: type):
@@ -295,6 +356,7 @@ def compute_grams(
     mc_samples: int = 1,
     dtype: torch.dtype = torch.float64,
     path: str = "auto",
+    reduced_factor: bool = True,
 ) -> dict[str, Tensor]:
     """Compute each group's GGN Gram matrix Vᵀ V in one forward and one BackPACK backward pass.
 
@@ -302,10 +364,11 @@ def compute_grams(
     parameters' ``.grad`` fields are overwritten with the gradient of this batch.
 
     Returns:
-        Group name to its Gram matrix of shape ``[C·N, C·N]`` (``M·N`` for ``mc_samples=M``),
-        in the order of ``param_groups``.
+        Group name to its Gram matrix of shape ``[C·N, C·N]`` (``M·N`` for ``mc_samples=M``;
+        ``(C − 1)·N`` for the exact GGN of cross-entropy with ``reduced_factor``), in the order
+        of ``param_groups``.
     """
-    accumulator = GramAccumulator(param_groups, approximation, mc_samples, dtype, path=path)
+    accumulator = GramAccumulator(param_groups, approximation, mc_samples, dtype, path=path, reduced_factor=reduced_factor)
     run_backward(model, loss_func, inputs, targets, accumulator)
     check_all_groups_computed(accumulator)
     return {name: accumulator.grams[name] for name in accumulator.group_names}
