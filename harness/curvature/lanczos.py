@@ -1,8 +1,10 @@
-"""Matrix-free top-k GGN eigenpairs: Lanczos (scipy ``eigsh``) on GGN-vector products.
+"""Matrix-free GGN spectra: Lanczos on GGN-vector products.
 
-This is the fallback when the Gram matrix does not fit the memory budget. It stores a few vectors
-of the group's size and nothing of size N·C. Each Lanczos iteration costs two Jacobian products
-and one loss-Hessian product.
+This is the fallback when the Gram matrix does not fit the memory budget. ``lanczos_eigenpairs``
+computes the top-k eigenpairs with scipy's ``eigsh``; ``lanczos_density`` estimates the whole
+spectral density by stochastic Lanczos quadrature. Both store a few vectors of the group's size
+and nothing of size N·C. Each Lanczos iteration costs two Jacobian products and one loss-Hessian
+product.
 """
 
 from __future__ import annotations
@@ -81,3 +83,56 @@ def lanczos_eigenpairs(
     eigvals, eigvecs = eigsh(operator, k=top_k, which="LA", tol=tol, v0=start)
     order = np.argsort(eigvals)[::-1]
     return torch.from_numpy(eigvals[order].copy()), torch.from_numpy(eigvecs[:, order].T.copy())
+
+
+def lanczos_density(matvec, dim: int, probes: int, steps: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Estimate the spectral density of a symmetric operator by stochastic Lanczos quadrature.
+
+    For each of ``probes`` random unit vectors v (Rademacher entries), ``steps`` Lanczos steps
+    with full reorthogonalization give a tridiagonal T = Σ_i θ_i q_i q_iᵀ. The nodes θ_i with
+    weights q_i[0]² / probes form a discrete measure whose moments Σ w θᵏ match vᵀ Aᵏ v averaged
+    over the probes, exactly for k < 2·steps; their expectation is tr(Aᵏ) / dim. So the weights
+    sum to 1 and a histogram or a smoothed sum of the nodes approximates the eigenvalue density.
+
+    Args:
+        matvec: Product with the operator, on flat float64 numpy vectors.
+        dim: Size of the operator.
+        probes: Number of random start vectors.
+        steps: Lanczos steps per probe (at most ``dim``; stops early on an invariant subspace).
+        seed: Seed of the probes.
+
+    Returns:
+        Nodes and weights, float64 tensors of equal length, sorted by node.
+    """
+    rng = np.random.default_rng(seed)
+    steps = min(steps, dim)
+    nodes, weights = [], []
+    for _ in range(probes):
+        start = rng.choice([-1.0, 1.0], size=dim) / np.sqrt(dim)
+        alphas, betas = _lanczos_tridiagonal(matvec, start, steps)
+        ritz_values, ritz_vectors = np.linalg.eigh(np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1))
+        nodes.append(ritz_values)
+        weights.append(ritz_vectors[0] ** 2 / probes)
+    nodes_all, weights_all = np.concatenate(nodes), np.concatenate(weights)
+    order = np.argsort(nodes_all)
+    return torch.from_numpy(nodes_all[order].copy()), torch.from_numpy(weights_all[order].copy())
+
+
+def _lanczos_tridiagonal(matvec, start: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run Lanczos with full reorthogonalization from the unit vector ``start``; return T's diagonals."""
+    basis = [start]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for step in range(steps):
+        product = np.asarray(matvec(basis[-1]), dtype=np.float64).ravel()
+        alphas.append(float(basis[-1] @ product))
+        for vector in basis:
+            product -= (vector @ product) * vector
+        beta = float(np.linalg.norm(product))
+        scale = max(max(abs(alpha) for alpha in alphas), max(betas, default=0.0))
+        # A vanishing beta means an invariant subspace: T's eigenvalues are then exact.
+        if step == steps - 1 or beta <= 1e-10 * scale:
+            break
+        betas.append(beta)
+        basis.append(product / beta)
+    return np.array(alphas), np.array(betas)
