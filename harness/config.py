@@ -133,6 +133,8 @@ class BudgetAction(str, Enum):
     """Action when the estimated memory exceeds ``curvature.memory_budget_gb``."""
 
     error = "error"
+    chunked = "chunked"
+    mc = "mc"
     lanczos = "lanczos"
 
 
@@ -251,7 +253,9 @@ class CurvatureConfig:
     ``subsampling`` (null: all) takes the GGN from the first that many samples of the curvature
     batch, as the GGN of their mean loss. ``top_k`` leading eigenpairs above ``min_eigval`` are
     selected for ``eigvecs`` and ``directional_derivatives``. ``memory_budget_gb`` (null: no
-    check) bounds the estimated peak memory of the backward pass.
+    check) bounds the estimated peak memory of the backward pass; ``on_budget_exceeded`` says
+    what happens above it. ``density_probes`` random probes of ``density_steps`` Lanczos steps
+    each estimate the spectral density after a Lanczos fallback (0 probes: none).
     """
 
     approximation: Approximation = Approximation.exact
@@ -267,6 +271,8 @@ class CurvatureConfig:
     gram_path: GramPath = GramPath.auto
     memory_budget_gb: Optional[float] = None
     on_budget_exceeded: BudgetAction = BudgetAction.error
+    density_probes: int = 2
+    density_steps: int = 20
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     validate: ValidationConfig = field(default_factory=ValidationConfig)
 

@@ -218,6 +218,23 @@ def check_sizes(cfg: DictConfig) -> None:
             f"Invalid loss.reduction={cfg.loss.reduction.value} with curvature.subsampling or "
             "curvature.directional_derivatives: both need loss.reduction=mean."
         )
+    curvature = cfg.curvature
+    if curvature.density_probes < 0 or curvature.density_steps < 1:
+        raise ValueError(
+            f"Invalid curvature.density_probes={curvature.density_probes}, "
+            f"curvature.density_steps={curvature.density_steps}: use probes ≥ 0 (0: no density) and steps ≥ 1."
+        )
+    action = curvature.on_budget_exceeded.value
+    if action == "chunked" and curvature.approximation.value == "mc":
+        raise ValueError(
+            "Invalid curvature.on_budget_exceeded=chunked with curvature.approximation=mc: the chunked "
+            "fallback needs the same Monte-Carlo draws in every pass. Use on_budget_exceeded=mc or error."
+        )
+    if action == "lanczos" and curvature.directional_derivatives:
+        raise ValueError(
+            "Invalid curvature.on_budget_exceeded=lanczos with curvature.directional_derivatives=true: "
+            "the Lanczos fallback has no per-sample derivatives. Use on_budget_exceeded=chunked, mc or error."
+        )
     if any(size < 1 for size in cfg.model.hidden):
         raise ValueError(f"Invalid model.hidden={list(cfg.model.hidden)}: every size must be at least 1.")
 

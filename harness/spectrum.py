@@ -58,8 +58,11 @@ class Spectrum:
                 metrics[metric_key("ggn", group, f"eigval_{rank}")] = value
             curvature = self.curvature.get(group)
             # The Lanczos fallback has only the top-k eigenvalues, so their sum is no trace.
-            if curvature is None or curvature.method == "gram":
+            if curvature is None or curvature.method != "lanczos":
                 metrics[metric_key("ggn", group, "trace")] = eigvals.sum().item()
+            if curvature is not None and curvature.method != "gram":
+                value = 1 if curvature.method == "lanczos" else curvature.detail
+                metrics[metric_key("ggn", group, f"fallback_{curvature.method}")] = value
             if curvature is not None and curvature.second_derivatives is not None:
                 metrics[metric_key("ggn", group, "grad_overlap")] = curvature.grad_overlap
                 for rank, value in enumerate(curvature.snr().tolist(), start=1):
@@ -76,7 +79,8 @@ class Spectrum:
         """Serialize the eigenvalues as an ``.npz`` archive: one float64 array per group, plus ``step``.
 
         Computed eigenvectors are added as ``eigvecs/<group>``, float32 arrays [K, D] in the
-        order of the group's parameters.
+        order of the group's parameters. After a Lanczos fallback, the spectral density estimate
+        is added as ``density_nodes/<group>`` and ``density_weights/<group>``.
         """
         import io
 
@@ -86,6 +90,9 @@ class Spectrum:
             if curvature.eigvecs is not None:
                 flat = torch.cat([piece.flatten(start_dim=1) for piece in curvature.eigvecs], dim=1)
                 arrays[f"eigvecs/{name}"] = flat.float().cpu().numpy()
+            if curvature.density_nodes is not None:
+                arrays[f"density_nodes/{name}"] = curvature.density_nodes.double().cpu().numpy()
+                arrays[f"density_weights/{name}"] = curvature.density_weights.double().cpu().numpy()
         np.savez(buffer, step=np.array(self.step), **arrays)
         return buffer.getvalue()
 
@@ -106,7 +113,7 @@ class SpectrumProbe:
         atol: Absolute tolerance of the validation.
         options: Further keyword arguments of ``compute_curvature`` (``subsampling``, ``top_k``,
             ``min_eigval``, ``eigvecs``, ``directional_derivatives``, ``path``,
-            ``memory_budget_gb``, ``on_budget_exceeded``).
+            ``memory_budget_gb``, ``on_budget_exceeded``, ``density_probes``, ``density_steps``).
     """
 
     def __init__(
@@ -193,4 +200,6 @@ def curvature_options(cfg: Any) -> dict[str, Any]:
         "path": curvature.gram_path.value,
         "memory_budget_gb": curvature.memory_budget_gb,
         "on_budget_exceeded": curvature.on_budget_exceeded.value,
+        "density_probes": curvature.density_probes,
+        "density_steps": curvature.density_steps,
     }

@@ -46,6 +46,28 @@ def test_invalid_size_rejected_before_store(compose_config, tmp_path, override, 
 
 
 @pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["curvature.density_probes=-1"], "Invalid curvature.density_probes=-1"),
+        (["curvature.density_steps=0"], "curvature.density_steps=0: use probes ≥ 0"),
+        (
+            ["curvature=mc", "curvature.on_budget_exceeded=chunked"],
+            "Invalid curvature.on_budget_exceeded=chunked with curvature.approximation=mc.*Use on_budget_exceeded=mc",
+        ),
+        (
+            ["curvature=vivit", "curvature.on_budget_exceeded=lanczos"],
+            "Invalid curvature.on_budget_exceeded=lanczos with curvature.directional_derivatives=true",
+        ),
+    ],
+)
+def test_conflicting_curvature_options_rejected_before_store(compose_config, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        start_run(compose_config, tmp_path, overrides)
+
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
     ("override", "options"),
     [
         ("loss.reduction=none", ["mean", "sum"]),

@@ -7,6 +7,7 @@ from torch.func import functional_call, grad, vmap
 
 from harness.curvature import compute_curvature, exact_ggn
 from harness.curvature.exact import _without_hooks
+from harness.curvature.lanczos import lanczos_density
 from harness.curvature.memory import MemoryBudgetError, estimate_memory
 
 
@@ -278,3 +279,109 @@ def test_results_follow_group_order():
     results = compute_curvature(model, loss_func, inputs, labels, groups)
 
     assert list(results) == ["conv", "fc"]
+
+
+def budget_between(model, inputs, groups, columns, pass_samples, total_samples):
+    """A budget in GB that fits passes over ``pass_samples`` samples but not one over all of them."""
+    fits = estimate_memory(model, inputs, groups, columns, pass_samples, total_samples=total_samples).total
+    whole = estimate_memory(model, inputs, groups, columns, total_samples).total
+    assert fits < whole
+    return (fits + 1) / 1e9
+
+
+def test_chunked_fallback_matches_one_pass():
+    model, loss_func, inputs, labels = conv_problem(seed=7, num_samples=6)
+    groups = {"conv": list(model[0].parameters()), "fc": list(model[3].parameters())}
+    options = dict(top_k=4, eigvecs=True, directional_derivatives=True, subsampling=[5, 0, 2, 3, 1])
+    # 5 samples in 3 chunks of at most 2: every pass covers 4 samples. R = C - 1 + 1 columns.
+    budget = budget_between(model, inputs, groups, columns=4, pass_samples=4, total_samples=5)
+
+    reference = compute_curvature(model, loss_func, inputs, labels, groups, **options)
+    chunked = compute_curvature(
+        model, loss_func, inputs, labels, groups, memory_budget_gb=budget, on_budget_exceeded="chunked", **options
+    )
+
+    for name in groups:
+        assert (chunked[name].method, chunked[name].detail) == ("chunked", 3)
+        torch.testing.assert_close(chunked[name].eigvals, reference[name].eigvals, rtol=1e-10, atol=1e-14)
+        signs = torch.sign((flat_eigvecs(chunked[name].eigvecs) * flat_eigvecs(reference[name].eigvecs)).sum(dim=1))
+        torch.testing.assert_close(
+            flat_eigvecs(chunked[name].eigvecs) * signs[:, None], flat_eigvecs(reference[name].eigvecs), rtol=1e-8, atol=1e-10
+        )
+        torch.testing.assert_close(
+            chunked[name].second_derivatives, reference[name].second_derivatives, rtol=1e-8, atol=1e-12
+        )
+        torch.testing.assert_close(
+            chunked[name].first_derivatives.abs(), reference[name].first_derivatives.abs(), rtol=1e-8, atol=1e-12
+        )
+        torch.testing.assert_close(chunked[name].gradient_norm, reference[name].gradient_norm, rtol=1e-10, atol=0)
+
+
+def test_mc_fallback_uses_most_samples_that_fit():
+    model, loss_func, inputs, labels = conv_problem(seed=8, num_samples=6)
+    groups = {"all": list(model.parameters())}
+    # The exact factor has C - 1 = 3 columns per sample; 2 Monte-Carlo samples fit, 3 do not.
+    fits = estimate_memory(model, inputs, groups, factor_columns=2, subset_size=6).total
+    assert estimate_memory(model, inputs, groups, factor_columns=3, subset_size=6).total > fits + 1
+    budget = (fits + 1) / 1e9
+
+    torch.manual_seed(11)
+    fallback = compute_curvature(model, loss_func, inputs, labels, groups, memory_budget_gb=budget, on_budget_exceeded="mc")
+    torch.manual_seed(11)
+    reference = compute_curvature(model, loss_func, inputs, labels, groups, approximation="mc", mc_samples=2)
+
+    assert (fallback["all"].method, fallback["all"].detail) == ("mc", 2)
+    torch.testing.assert_close(fallback["all"].eigvals, reference["all"].eigvals, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("action", ["chunked", "mc"])
+def test_fallback_that_cannot_fit_raises_budget_error(action):
+    model, loss_func, inputs, labels = conv_problem(seed=9)
+    with pytest.raises(MemoryBudgetError, match="on_budget_exceeded to chunked"):
+        compute_curvature(
+            model, loss_func, inputs, labels, {"all": list(model.parameters())}, memory_budget_gb=1e-9,
+            on_budget_exceeded=action,
+        )
+
+
+def test_chunked_fallback_rejects_monte_carlo():
+    model, loss_func, inputs, labels = conv_problem(seed=9)
+    with pytest.raises(ValueError, match="on_budget_exceeded='chunked' with approximation='mc'"):
+        compute_curvature(
+            model, loss_func, inputs, labels, {"all": list(model.parameters())}, approximation="mc",
+            memory_budget_gb=1.0, on_budget_exceeded="chunked",
+        )
+
+
+@pytest.mark.parametrize("steps", [3, 12])
+def test_lanczos_density_matches_moments_of_diagonal_operator(steps):
+    """For a diagonal operator each Rademacher probe sees every eigenvalue with weight 1/D."""
+    eigvals = torch.linspace(0.0, 2.0, 12, dtype=torch.float64) ** 2
+
+    nodes, weights = lanczos_density(lambda v: eigvals.numpy() * v, 12, probes=3, steps=steps)
+
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    # Gauss quadrature with `steps` nodes is exact for moments below 2·steps.
+    for power in range(2 * steps):
+        expected = eigvals.pow(power).mean()
+        torch.testing.assert_close((weights * nodes.pow(power)).sum(), expected, rtol=1e-8, atol=1e-12)
+    if steps == 12:
+        torch.testing.assert_close(nodes.reshape(12, 3)[:, 0], eigvals, rtol=1e-8, atol=1e-10)
+
+
+def test_lanczos_fallback_density_spans_exact_spectrum():
+    model, loss_func, inputs, labels = conv_problem(seed=10)
+    params = list(model[3].parameters())
+    exact = torch.linalg.eigvalsh(exact_ggn(model, loss_func, inputs, labels, params))
+
+    result = compute_curvature(
+        model, loss_func, inputs, labels, {"fc": params}, top_k=2, memory_budget_gb=1e-9,
+        on_budget_exceeded="lanczos", density_probes=2, density_steps=30,
+    )["fc"]
+
+    assert result.density_weights.sum().item() == pytest.approx(1.0, abs=1e-10)
+    # Lanczos finds the extreme eigenvalues first: the largest node is λ_max.
+    assert result.density_nodes.max().item() == pytest.approx(exact.max().item(), rel=1e-8)
+    # The mean of the nodes estimates tr(G) / D; two probes give it to within a factor of 2 here.
+    mean = (result.density_weights * result.density_nodes).sum().item()
+    assert 0.5 < mean / (exact.sum().item() / exact.numel()) < 2.0

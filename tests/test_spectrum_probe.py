@@ -1,10 +1,14 @@
 """SpectrumProbe with the engine's options: metrics of directional derivatives and of the fallback."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
 from backpack import extend
 from torch import nn
 
+from harness.curvature.memory import estimate_memory
 from harness.spectrum import SpectrumProbe
 
 
@@ -41,4 +45,26 @@ def test_probe_lanczos_fallback_has_no_trace():
     assert spectrum.curvature["all"].method == "lanczos"
     assert spectrum.eigvals["all"].numel() == 2
     assert "ggn/all/trace" not in metrics
+    assert metrics["ggn/all/fallback_lanczos"] == 1
+    assert metrics["validation/all/passed"] == 1.0
+    # The spectral density (2 probes of 20 steps by default) goes into the spectra archive.
+    arrays = np.load(io.BytesIO(spectrum.to_npz()))
+    assert arrays["density_nodes/all"].shape == arrays["density_weights/all"].shape
+    assert arrays["density_weights/all"].sum() == pytest.approx(1.0)
+
+
+def test_probe_chunked_fallback_logs_chunks_and_trace():
+    model, probe = probe_problem(top_k=2)
+    groups = probe.param_groups
+    # Passes over 4 of the 8 samples (2 columns each, C - 1) fit, one pass over all 8 does not.
+    fits = estimate_memory(model, probe.inputs, groups, factor_columns=2, subset_size=4, total_samples=8).total
+    assert estimate_memory(model, probe.inputs, groups, factor_columns=2, subset_size=8).total > fits + 1
+    probe.options.update(memory_budget_gb=(fits + 1) / 1e9, on_budget_exceeded="chunked")
+
+    spectrum = probe.compute(model, step=0)
+    metrics = spectrum.metrics(top_k=2, threshold=1e-3)
+
+    assert spectrum.curvature["all"].method == "chunked"
+    assert metrics["ggn/all/fallback_chunked"] == spectrum.curvature["all"].detail == 4
+    assert metrics["ggn/all/trace"] == pytest.approx(spectrum.eigvals["all"].sum().item())
     assert metrics["validation/all/passed"] == 1.0

@@ -22,8 +22,8 @@ from torch import Tensor
 from torch.nn import Module, Parameter
 
 from harness.curvature.gram import GramAccumulator, check_all_groups_computed, run_backward, zero_noise
-from harness.curvature.lanczos import lanczos_eigenpairs
-from harness.curvature.memory import BUDGET_ACTIONS, budget_error, check_budget, estimate_memory
+from harness.curvature.lanczos import ggn_matvec, lanczos_density, lanczos_eigenpairs
+from harness.curvature.memory import BUDGET_ACTIONS, budget_error, check_budget, estimate_memory, module_sizes
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,11 @@ class GroupCurvature:
         second_derivatives: λ_nk = e_kᵀ G_n e_k as [N, K], G_n the GGN of sample n's loss.
         gradient: Gradient g = mean_n g_n of the samples in the GGN, projected: gᵀ e_k as [K].
         gradient_norm: ‖g‖.
-        method: ``"gram"``, or ``"lanczos"`` after a fallback for the memory budget.
+        method: ``"gram"``, or the fallback for the memory budget: ``"chunked"`` (the same
+            Gram matrix, from chunks), ``"mc"`` (Monte-Carlo GGN) or ``"lanczos"``.
+        detail: The number of chunks after ``"chunked"``, of Monte-Carlo samples after ``"mc"``.
+        density_nodes: After ``"lanczos"``: nodes of the spectral density estimate, ascending.
+        density_weights: Their weights, summing to 1 (see ``lanczos_density``).
     """
 
     eigvals: Tensor
@@ -57,6 +61,9 @@ class GroupCurvature:
     gradient: Tensor | None = None
     gradient_norm: Tensor | None = None
     method: str = "gram"
+    detail: int = 0
+    density_nodes: Tensor | None = None
+    density_weights: Tensor | None = None
 
     @property
     def grad_overlap(self) -> float:
@@ -95,6 +102,8 @@ def compute_curvature(
     path: str = "auto",
     memory_budget_gb: float | None = None,
     on_budget_exceeded: str = "error",
+    density_probes: int = 2,
+    density_steps: int = 20,
 ) -> dict[str, GroupCurvature]:
     """Compute each group's GGN eigenvalues and, on request, eigenvectors and directional derivatives.
 
@@ -116,9 +125,14 @@ def compute_curvature(
         path: Gram path of Linear and convolution weights, see ``GramAccumulator``.
         memory_budget_gb: Budget for the estimated peak memory of the backward pass; None for
             no check.
-        on_budget_exceeded: ``"error"`` raises ``MemoryBudgetError``; ``"lanczos"`` computes
-            the ``top_k`` eigenpairs of each group matrix-free instead (no directional
-            derivatives).
+        on_budget_exceeded: What happens when the estimate exceeds the budget. ``"error"``
+            raises ``MemoryBudgetError``. ``"chunked"`` (exact GGN only) assembles the same Gram
+            matrix from passes over pairs of sample chunks, as large as fit. ``"mc"`` uses the
+            largest number of Monte-Carlo samples that fits. ``"lanczos"`` computes the
+            ``top_k`` eigenpairs and a spectral density of each group matrix-free (no
+            directional derivatives). ``GroupCurvature.method`` names the one that ran.
+        density_probes: Random probes of the spectral density after a Lanczos fallback; 0: none.
+        density_steps: Lanczos steps per probe of the spectral density.
 
     Raises:
         ValueError: If the loss, the batch shapes or the subsampling indices break the
@@ -129,44 +143,52 @@ def compute_curvature(
     check_constraints(loss_func, inputs, targets, subsampling, directional_derivatives)
     if on_budget_exceeded not in BUDGET_ACTIONS:
         raise ValueError(f"Invalid on_budget_exceeded={on_budget_exceeded!r}: use one of {BUDGET_ACTIONS}.")
-    subset_size = num_samples if subsampling is None else len(subsampling)
+    if on_budget_exceeded == "chunked" and approximation != "exact":
+        raise ValueError(
+            "Invalid on_budget_exceeded='chunked' with approximation='mc': chunks need the same "
+            "Monte-Carlo draws in every pass, so use on_budget_exceeded=mc or error."
+        )
+    subset = list(range(num_samples)) if subsampling is None else list(subsampling)
+    subset_size = len(subset)
     scale = num_samples / subset_size
 
+    method, detail, chunk_size = "gram", 0, subset_size
     if memory_budget_gb is not None:
-        with torch.no_grad():
-            num_outputs = model(inputs[:2]).shape[1:].numel()
-        if approximation == "mc":
-            columns = mc_samples
-        elif isinstance(loss_func, torch.nn.CrossEntropyLoss) and num_outputs >= 2:
-            columns = num_outputs - 1
-        else:
-            columns = num_outputs
-        columns += int(directional_derivatives)
-        estimate = estimate_memory(model, inputs, param_groups, columns, subset_size, dtype, path)
-        if not check_budget(estimate, memory_budget_gb):
-            if on_budget_exceeded == "error":
-                raise budget_error(estimate, memory_budget_gb)
-            log.warning(
-                "Gram computation needs an estimated %s, above the budget of %s GB: using Lanczos",
-                estimate.describe(),
-                memory_budget_gb,
-            )
+        fallback = _plan_for_budget(
+            model, loss_func, inputs, param_groups, approximation, mc_samples, subset_size, dtype, path,
+            directional_derivatives, memory_budget_gb, on_budget_exceeded,
+        )
+        if fallback == "lanczos":
             return _lanczos_fallback(
-                model, loss_func, inputs, targets, param_groups, subsampling, top_k, min_eigval, directional_derivatives
+                model, loss_func, inputs, targets, param_groups, subsampling, top_k, min_eigval,
+                directional_derivatives, density_probes, density_steps,
             )
+        if fallback is not None:
+            method, detail = fallback
+            if method == "mc":
+                approximation, mc_samples = "mc", detail
+            else:
+                chunk_size = -(-subset_size // detail)
 
-    accumulator = GramAccumulator(
-        param_groups, approximation, mc_samples, dtype, subsampling, with_gradient=directional_derivatives, path=path
-    )
     rng_before = _rng_state(inputs.device)
-    run_backward(model, loss_func, inputs, targets, accumulator)
+    if chunk_size < subset_size:
+        grams, dropped_columns = _chunked_grams(
+            model, loss_func, inputs, targets, param_groups, dtype, subset, chunk_size, directional_derivatives, path
+        )
+    else:
+        accumulator = GramAccumulator(
+            param_groups, approximation, mc_samples, dtype, subsampling, with_gradient=directional_derivatives,
+            path=path,
+        )
+        run_backward(model, loss_func, inputs, targets, accumulator)
+        check_all_groups_computed(accumulator)
+        grams, dropped_columns = accumulator.grams, accumulator.dropped_columns
     rng_after = _rng_state(inputs.device)
-    check_all_groups_computed(accumulator)
     model_eps = torch.finfo(next(iter(param_groups.values()))[0].dtype).eps
 
     results: dict[str, GroupCurvature] = {}
-    for name in accumulator.group_names:
-        extended = accumulator.grams[name]
+    for name in param_groups:
+        extended = grams[name]
         rows = extended.shape[0] - (subset_size if directional_derivatives else 0)
         gram = scale * extended[:rows, :rows]
         if eigvecs or directional_derivatives:
@@ -175,21 +197,139 @@ def compute_curvature(
         else:
             eigvals, vectors = torch.linalg.eigvalsh(gram), None
         eigvals = zero_noise(eigvals.flip(0), rows, dtype)
-        if accumulator.dropped_columns:
+        if dropped_columns:
             # The reduced cross-entropy factor leaves out N columns whose eigenvalues are exactly 0.
-            eigvals = torch.cat([eigvals, eigvals.new_zeros(accumulator.dropped_columns * subset_size)])
+            eigvals = torch.cat([eigvals, eigvals.new_zeros(dropped_columns * subset_size)])
         chosen = select_eigvals(eigvals, top_k, min_eigval, model_eps, name)
-        result = GroupCurvature(eigvals, eigvals[chosen], None if vectors is None else vectors[:, chosen])
+        result = GroupCurvature(
+            eigvals, eigvals[chosen], None if vectors is None else vectors[:, chosen], method=method, detail=detail
+        )
         if directional_derivatives:
             _add_directional_derivatives(result, extended, rows, num_samples, subset_size, scale)
         results[name] = result
 
     if eigvecs:
         _set_rng_state(inputs.device, rng_before)
-        _map_eigvecs(model, loss_func, inputs, targets, param_groups, accumulator, results, scale)
+        chunks = [subset[first : first + chunk_size] for first in range(0, subset_size, chunk_size)]
+        _map_eigvecs(
+            model, loss_func, inputs, targets, param_groups, approximation, mc_samples, dtype, path, chunks, results,
+            scale,
+        )
         _set_rng_state(inputs.device, rng_after)
     model.zero_grad(set_to_none=True)
     return results
+
+
+def _plan_for_budget(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    param_groups: Mapping[str, Sequence[Parameter]],
+    approximation: str,
+    mc_samples: int,
+    subset_size: int,
+    dtype: torch.dtype,
+    path: str,
+    directional_derivatives: bool,
+    budget_gb: float,
+    action: str,
+) -> str | tuple[str, int] | None:
+    """Check the memory estimate against the budget and choose the fallback if it does not fit.
+
+    Returns:
+        None if the plain Gram computation fits; ``"lanczos"``; ``("mc", M)`` with the largest
+        number of Monte-Carlo samples M that fits; or ``("chunked", P)`` with the smallest
+        number of sample chunks P (at least 3) whose pairs fit.
+
+    Raises:
+        MemoryBudgetError: If the action is ``"error"``, or no setting of ``"mc"`` or
+            ``"chunked"`` fits.
+    """
+    with torch.no_grad():
+        num_outputs = model(inputs[:2]).shape[1:].numel()
+    if approximation == "mc":
+        columns = mc_samples
+    elif isinstance(loss_func, torch.nn.CrossEntropyLoss) and num_outputs >= 2:
+        columns = num_outputs - 1
+    else:
+        columns = num_outputs
+    extra = int(directional_derivatives)
+    sizes = module_sizes(model, inputs)
+
+    def estimate(factor_columns: int, pass_samples: int):
+        return estimate_memory(
+            model, inputs, param_groups, factor_columns + extra, pass_samples, dtype, path,
+            total_samples=subset_size, sizes=sizes,
+        )
+
+    plain = estimate(columns, subset_size)
+    if check_budget(plain, budget_gb):
+        return None
+    if action == "error":
+        raise budget_error(plain, budget_gb)
+    if action == "lanczos":
+        log.warning("Gram computation needs an estimated %s, above the budget of %s GB: using Lanczos", plain.describe(), budget_gb)
+        return "lanczos"
+    if action == "mc":
+        fitting = [m for m in range(columns - 1, 0, -1) if check_budget(estimate(m, subset_size), budget_gb)]
+        if not fitting:
+            raise budget_error(estimate(1, subset_size), budget_gb)
+        log.warning(
+            "Gram computation needs an estimated %s, above the budget of %s GB: using the MC GGN with %d samples",
+            plain.describe(), budget_gb, fitting[0],
+        )
+        return "mc", fitting[0]
+    for chunks in range(3, subset_size + 1):
+        chunk_size = -(-subset_size // chunks)
+        if check_budget(estimate(columns, 2 * chunk_size), budget_gb):
+            log.warning(
+                "Gram computation needs an estimated %s, above the budget of %s GB: assembling it from "
+                "%d chunks of at most %d samples",
+                plain.describe(), budget_gb, chunks, chunk_size,
+            )
+            return "chunked", chunks
+    raise budget_error(estimate(columns, 2), budget_gb)
+
+
+def _chunked_grams(
+    model: Module,
+    loss_func: Module,
+    inputs: Tensor,
+    targets: Tensor,
+    param_groups: Mapping[str, Sequence[Parameter]],
+    dtype: torch.dtype,
+    subset: list[int],
+    chunk_size: int,
+    with_gradient: bool,
+    path: str,
+) -> tuple[dict[str, Tensor], int]:
+    """Assemble each group's (extended) Gram matrix over ``subset`` from passes over pairs of chunks.
+
+    The pass over chunks a and b gives the blocks (a, a), (a, b), (b, a) and (b, b). BackPACK
+    keeps the whole batch's 1/N under subsampling, so the blocks are those of one pass over
+    ``subset``. Rows are ordered (r, position in ``subset``), as in one pass.
+    """
+    num = len(subset)
+    chunks = [list(range(first, min(num, first + chunk_size))) for first in range(0, num, chunk_size)]
+    grams: dict[str, Tensor] = {}
+    dropped_columns = 0
+    for first in range(len(chunks)):
+        for second in range(first + 1, len(chunks)):
+            positions = chunks[first] + chunks[second]
+            accumulator = GramAccumulator(
+                param_groups, "exact", 1, dtype, [subset[p] for p in positions], with_gradient=with_gradient, path=path
+            )
+            run_backward(model, loss_func, inputs, targets, accumulator)
+            check_all_groups_computed(accumulator)
+            dropped_columns = accumulator.dropped_columns
+            index = torch.tensor(positions)
+            for name, part in accumulator.grams.items():
+                columns = part.shape[0] // len(positions)
+                rows = (torch.arange(columns).unsqueeze(1) * num + index).flatten().to(part.device)
+                if name not in grams:
+                    grams[name] = part.new_zeros(columns * num, columns * num)
+                grams[name][rows.unsqueeze(1), rows] = part
+    return grams, dropped_columns
 
 
 def _lanczos_fallback(
@@ -202,8 +342,10 @@ def _lanczos_fallback(
     top_k: int | None,
     min_eigval: float,
     directional_derivatives: bool,
+    density_probes: int,
+    density_steps: int,
 ) -> dict[str, GroupCurvature]:
-    """Compute each group's ``top_k`` eigenpairs with Lanczos on GGN-vector products."""
+    """Compute each group's ``top_k`` eigenpairs and spectral density with Lanczos on GGN-vector products."""
     if top_k is None or directional_derivatives:
         raise ValueError(
             "The Lanczos fallback computes top_k eigenpairs only: set top_k and turn off "
@@ -219,7 +361,12 @@ def _lanczos_fallback(
         chosen = torch.nonzero((eigvals > 0) & (eigvals > min_eigval)).flatten()
         pieces = vectors[chosen].split([p.numel() for p in params], dim=1)
         eigvecs = [piece.reshape(-1, *p.shape) for piece, p in zip(pieces, params)]
-        results[name] = GroupCurvature(eigvals, eigvals[chosen], None, eigvecs=eigvecs, method="lanczos")
+        result = GroupCurvature(eigvals, eigvals[chosen], None, eigvecs=eigvecs, method="lanczos")
+        if density_probes > 0:
+            matvec, dim = ggn_matvec(model, loss_func, inputs, targets, params)
+            nodes, weights = lanczos_density(matvec, dim, density_probes, density_steps)
+            result.density_nodes, result.density_weights = nodes.clamp(min=0), weights
+        results[name] = result
     return results
 
 
@@ -315,23 +462,44 @@ def _map_eigvecs(
     inputs: Tensor,
     targets: Tensor,
     param_groups: Mapping[str, Sequence[Parameter]],
-    first_pass: GramAccumulator,
+    approximation: str,
+    mc_samples: int,
+    dtype: torch.dtype,
+    path: str,
+    chunks: list[list[int]],
     results: dict[str, GroupCurvature],
     scale: float,
 ) -> None:
-    """Map each group's u_k to e_k = V u_k / sqrt(λ_k) in a second backward pass."""
-    accumulator = GramAccumulator(
-        param_groups, first_pass.approximation, first_pass.mc_samples, first_pass.dtype, first_pass.subsampling,
-        path=first_pass.path,
-    )
+    """Map each group's u_k to e_k = V u_k / sqrt(λ_k) in one more backward pass per sample chunk.
+
+    V u is the sum over chunks of V_chunk u_chunk, u_chunk the rows (r, n) of u with n in the
+    chunk; one chunk (all samples) is a single pass.
+    """
+    subset = [index for chunk in chunks for index in chunk]
+    num = len(subset)
     # V_raw u / sqrt(λ_raw) with λ_raw = λ / scale.
-    accumulator.coefficients = {
-        name: result.gram_eigvecs * (scale / result.selected).sqrt() for name, result in results.items()
-    }
-    run_backward(model, loss_func, inputs, targets, accumulator)
+    coefficients = {name: result.gram_eigvecs * (scale / result.selected).sqrt() for name, result in results.items()}
+    totals: dict[int, Tensor] = {}
+    offset = 0
+    for chunk in chunks:
+        single = len(chunks) == 1
+        accumulator = GramAccumulator(
+            param_groups, approximation, mc_samples, dtype, None if single and chunk == list(range(len(inputs))) else chunk,
+            path=path,
+        )
+        positions = torch.arange(offset, offset + len(chunk))
+        offset += len(chunk)
+        accumulator.coefficients = {}
+        for name, values in coefficients.items():
+            columns = values.shape[0] // num
+            rows = (torch.arange(columns).unsqueeze(1) * num + positions).flatten().to(values.device)
+            accumulator.coefficients[name] = values[rows]
+        run_backward(model, loss_func, inputs, targets, accumulator)
+        for key, projection in accumulator.projections.items():
+            totals[key] = projection if key not in totals else totals[key] + projection
 
     for name, params in param_groups.items():
-        pieces = [accumulator.projections[id(p)].T.reshape(-1, *p.shape) for p in params]
+        pieces = [totals[id(p)].T.reshape(-1, *p.shape) for p in params]
         norm = torch.sqrt(sum(piece.flatten(start_dim=1).square().sum(dim=1) for piece in pieces))
         results[name].eigvecs = [piece / norm.reshape(-1, *([1] * (piece.dim() - 1))) for piece in pieces]
 

@@ -11,7 +11,7 @@ from torch.nn import Module, Parameter
 
 from harness.curvature import structured
 
-BUDGET_ACTIONS = ("error", "lanczos")
+BUDGET_ACTIONS = ("error", "chunked", "mc", "lanczos")
 
 
 class MemoryBudgetError(RuntimeError):
@@ -43,9 +43,9 @@ class MemoryEstimate:
     def describe(self) -> str:
         """Return the estimate in GB with its parts, for messages."""
         parts = ", ".join(
-            f"{name} {getattr(self, name) / 1e9:.2f}" for name in ("activations", "factor", "layer", "grams")
+            f"{name} {getattr(self, name) / 1e9:.3g}" for name in ("activations", "factor", "layer", "grams")
         )
-        return f"{self.total / 1e9:.2f} GB ({parts})"
+        return f"{self.total / 1e9:.3g} GB ({parts})"
 
 
 def estimate_memory(
@@ -56,6 +56,8 @@ def estimate_memory(
     subset_size: int,
     dtype: torch.dtype = torch.float64,
     path: str = "auto",
+    total_samples: int | None = None,
+    sizes: list[tuple[Module, int, torch.Size]] | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of ``compute_curvature``'s backward pass from a forward pass of 2 samples.
 
@@ -68,11 +70,15 @@ def estimate_memory(
         param_groups: Group name to parameters.
         factor_columns: Factor columns per sample R: the number of outputs C for the exact
             GGN, ``mc_samples`` for MC, plus 1 with the gradient column.
-        subset_size: Number of samples whose factor is computed.
+        subset_size: Number of samples whose factor is computed in the pass.
         dtype: Precision of the Gram matrices.
         path: Gram path of Linear and convolution weights.
+        total_samples: For the chunked fallback, the samples of the whole Gram matrix that is
+            assembled from passes over ``subset_size`` samples each; None: ``subset_size``.
+        sizes: The result of ``module_sizes(model, inputs)``, to skip its forward pass.
     """
-    sizes = _module_sizes(model, inputs[:2])
+    if sizes is None:
+        sizes = module_sizes(model, inputs)
     model_bytes = next(model.parameters()).element_size()
     gram_bytes = torch.empty((), dtype=dtype).element_size()
     rows = factor_columns * subset_size
@@ -88,7 +94,10 @@ def estimate_memory(
             if id(param) in grouped:
                 entries = _layer_entries(module, param, in_size, out_shape, rows, subset_size, path)
                 layer = max(layer, entries * gram_bytes)
-    grams = len(param_groups) * rows**2 * gram_bytes + 2 * rows**2 * gram_bytes
+    total_rows = rows if total_samples is None else factor_columns * total_samples
+    grams = len(param_groups) * rows**2 * gram_bytes + 2 * total_rows**2 * gram_bytes
+    if total_rows != rows:
+        grams += len(param_groups) * total_rows**2 * gram_bytes
     return MemoryEstimate(int(activations), int(factor), int(layer), int(grams))
 
 
@@ -103,16 +112,18 @@ def budget_error(estimate: MemoryEstimate, budget_gb: float) -> MemoryBudgetErro
         f"The Gram computation needs an estimated {estimate.describe()}, above the memory budget of "
         f"{budget_gb} GB. Lower curvature.batch_size, set curvature.subsampling to fewer samples, use "
         "curvature.approximation=mc with mc_samples below the number of classes, raise "
-        "curvature.memory_budget_gb, or set curvature.on_budget_exceeded=lanczos for top-k "
-        "eigenvalues from GGN-vector products."
+        "curvature.memory_budget_gb, or set curvature.on_budget_exceeded to chunked (the same Gram "
+        "matrix from passes over parts of the batch), mc (fewer Monte-Carlo samples) or lanczos "
+        "(top-k eigenvalues and a spectral density from GGN-vector products)."
     )
 
 
-def _module_sizes(model: Module, samples: Tensor) -> list[tuple[Module, int, torch.Size]]:
-    """Run ``samples`` and return (module, input numel, output shape) per sample for every leaf module.
+def module_sizes(model: Module, inputs: Tensor) -> list[tuple[Module, int, torch.Size]]:
+    """Run two samples of ``inputs``; return (module, input numel, output shape) per sample for every leaf module.
 
     Two samples, not one, because BatchNorm in training mode rejects a batch of one.
     """
+    samples = inputs[:2]
     sizes: list[tuple[Module, int, torch.Size]] = []
 
     def record(module: Module, args: tuple, output: Tensor) -> None:
