@@ -324,6 +324,8 @@ def main() -> None:
 
     grid = QUICK_GRID if args.quick else GRID
     command = "python benchmarks/gram_engine.py" + (" --quick" if args.quick else "")
+    if args.timeout != parser.get_default("timeout"):
+        command += f" --timeout {args.timeout:g}"
     if args.from_json:
         args.output.write_text(report(json.loads(args.from_json.read_text()), grid, command))
         return
