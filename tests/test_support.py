@@ -78,7 +78,8 @@ def test_inplace_made_out_of_place(caplog):
 
     assert prepared[1].inplace is False
     assert "Made 1 in-place modules out-of-place" in caplog.text
-    assert grams_of(prepared, torch.randn(5, 4), 3).shape == (15, 15)
+    # 5 samples with C − 1 = 2 factor columns each (the reduced cross-entropy factor).
+    assert grams_of(prepared, torch.randn(5, 4), 3).shape == (10, 10)
 
 
 def test_adaptive_pool_replaced_by_equal_avgpool(caplog):
