@@ -42,13 +42,15 @@ def ggn_matvec(
         return functional_call(model, {**frozen, **group_params}, (inputs,))
 
     outputs, pullback = vjp(outputs_of, group)
-    loss_gradient = grad(lambda out: loss_func(out, targets))
+    # H u as the pullback of the loss gradient (H is symmetric). Forward mode over the gradient
+    # of MSELoss fails in torch 2.14 on an immutable zero tensor, reverse over reverse does not.
+    _, hessian_pullback = vjp(grad(lambda out: loss_func(out, targets)), outputs)
 
     def matvec(vector: np.ndarray) -> np.ndarray:
         pieces = torch.from_numpy(np.asarray(vector).ravel()).to(device=device, dtype=dtype).split(sizes)
         tangent = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
         _, output_tangent = jvp(outputs_of, (group,), (tangent,))
-        _, hessian_tangent = jvp(loss_gradient, (outputs,), (output_tangent,))
+        (hessian_tangent,) = hessian_pullback(output_tangent)
         (product,) = pullback(hessian_tangent)
         flat = torch.cat([product[name].flatten() for name in names])
         return flat.detach().double().cpu().numpy()
