@@ -35,27 +35,40 @@ def log_bins(eigvals: Sequence[np.ndarray], num: int = BINS) -> np.ndarray:
     return np.logspace(np.log10(low), np.log10(high), num + 1)
 
 
-def log_density(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+def log_density(values: np.ndarray, edges: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Return the fraction of all ``values`` per unit of log10(eigenvalue) in each bin.
 
     The densities integrate (over log10 of the eigenvalue) to the fraction of values above
     :data:`MIN_POSITIVE`, so spectra with different numbers of zero eigenvalues stay comparable.
+    ``weights`` (summing to 1) replace the equal shares, for the nodes of a Lanczos quadrature.
     """
-    counts, _ = np.histogram(values[values > MIN_POSITIVE], bins=edges)
+    if weights is None:
+        weights = np.full(values.shape, 1.0 / max(values.size, 1))
+    positive = values > MIN_POSITIVE
+    counts, _ = np.histogram(values[positive], bins=edges, weights=weights[positive])
     widths = np.diff(np.log10(edges))
-    return counts / max(values.size, 1) / widths
+    return counts / widths
 
 
-def plot_density(steps: Sequence[int], eigvals: Sequence[np.ndarray], title: str) -> Figure:
-    """Plot the eigenvalue density of each checkpoint, one line per step, on a log eigenvalue axis."""
+def plot_density(
+    steps: Sequence[int], eigvals: Sequence[np.ndarray], title: str, weights: Sequence[np.ndarray | None] | None = None
+) -> Figure:
+    """Plot the eigenvalue density of each checkpoint, one line per step, on a log eigenvalue axis.
+
+    A step with ``weights`` is a Lanczos quadrature (nodes in ``eigvals``), labelled as such.
+    """
+    weights = weights or [None] * len(steps)
     edges = log_bins(eigvals)
     centers = np.sqrt(edges[:-1] * edges[1:])
     colors = plt.get_cmap("viridis")(np.linspace(0, 1, max(len(steps), 1)))
 
     figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for step, values, color in zip(steps, eigvals, colors):
-        zeros = int((values <= MIN_POSITIVE).sum())
-        axes.step(centers, log_density(values, edges), where="mid", color=color, label=f"step {step} ({zeros} ≤ {MIN_POSITIVE:g})")
+    for step, values, shares, color in zip(steps, eigvals, weights, colors):
+        if shares is None:
+            label = f"step {step} ({int((values <= MIN_POSITIVE).sum())} ≤ {MIN_POSITIVE:g})"
+        else:
+            label = f"step {step} (Lanczos quadrature)"
+        axes.step(centers, log_density(values, edges, shares), where="mid", color=color, label=label)
     axes.set_xscale("log")
     axes.set_xlabel("GGN eigenvalue")
     axes.set_ylabel("density per decade")
@@ -82,10 +95,13 @@ def plot_top_eigvals(steps: Sequence[int], eigvals: Sequence[np.ndarray], top_k:
     return figure
 
 
-def plot_spectrogram(steps: Sequence[int], eigvals: Sequence[np.ndarray], title: str) -> Figure:
+def plot_spectrogram(
+    steps: Sequence[int], eigvals: Sequence[np.ndarray], title: str, weights: Sequence[np.ndarray | None] | None = None
+) -> Figure:
     """Plot the eigenvalue density as colour over checkpoint (x) and log eigenvalue (y)."""
+    weights = weights or [None] * len(steps)
     edges = log_bins(eigvals)
-    density = np.array([log_density(values, edges) for values in eigvals]).T
+    density = np.array([log_density(values, edges, shares) for values, shares in zip(eigvals, weights)]).T
 
     figure, axes = plt.subplots(figsize=(7, 4.5), layout="constrained")
     # One column per checkpoint: log-spaced checkpoints would be slivers on a linear step axis.
@@ -135,11 +151,26 @@ def plot_validation(steps: Sequence[int], gram: Sequence[np.ndarray], exact: Seq
     return figure
 
 
+def _density_of(spectrum: Spectrum, group: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Return the values (and weights) of a group's density at one checkpoint, or None if it has none.
+
+    After a Lanczos fallback the eigenvalues are only the top k, so the density is the Lanczos
+    quadrature if one was computed, and none otherwise.
+    """
+    curvature = spectrum.curvature.get(group)
+    if curvature is None or curvature.method != "lanczos":
+        return spectrum.eigvals[group].double().cpu().numpy(), None
+    if curvature.density_nodes is None:
+        return None
+    return curvature.density_nodes.double().cpu().numpy(), curvature.density_weights.double().cpu().numpy()
+
+
 def run_figures(spectra: Sequence[Spectrum], top_k: int) -> dict[str, Figure]:
     """Return the figures of one run by artifact path: four per group, the last where validated.
 
     ``plots/<group>/density.png``, ``top_eigvals.png``, ``spectrogram.png`` and, for groups
-    compared with the exact GGN, ``validation.png``.
+    compared with the exact GGN, ``validation.png``. After a Lanczos fallback the density and the
+    spectrogram show its quadrature, and they are left out if there was none at any checkpoint.
     """
     if not spectra:
         return {}
@@ -147,9 +178,19 @@ def run_figures(spectra: Sequence[Spectrum], top_k: int) -> dict[str, Figure]:
     steps = [spectrum.step for spectrum in spectra]
     for group in spectra[0].eigvals:
         eigvals = [spectrum.eigvals[group].double().cpu().numpy() for spectrum in spectra]
-        figures[f"plots/{group}/density.png"] = plot_density(steps, eigvals, f"GGN eigenvalue density, group {group}")
         figures[f"plots/{group}/top_eigvals.png"] = plot_top_eigvals(steps, eigvals, top_k, f"Top {top_k} GGN eigenvalues, group {group}")
-        figures[f"plots/{group}/spectrogram.png"] = plot_spectrogram(steps, eigvals, f"GGN spectrogram, group {group}")
+        densities = [_density_of(spectrum, group) for spectrum in spectra]
+        drawn = [index for index, density in enumerate(densities) if density is not None]
+        if drawn:
+            drawn_steps = [steps[index] for index in drawn]
+            values = [densities[index][0] for index in drawn]
+            weights = [densities[index][1] for index in drawn]
+            figures[f"plots/{group}/density.png"] = plot_density(
+                drawn_steps, values, f"GGN eigenvalue density, group {group}", weights
+            )
+            figures[f"plots/{group}/spectrogram.png"] = plot_spectrogram(
+                drawn_steps, values, f"GGN spectrogram, group {group}", weights
+            )
 
         validated = [spectrum for spectrum in spectra if group in spectrum.validation]
         if validated:

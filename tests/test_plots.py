@@ -120,3 +120,46 @@ def test_comparison_mean_and_band():
     assert band[:, 1].min() == pytest.approx(min(np.array([2.0, 4.0]) - std))
     assert band[:, 1].max() == pytest.approx(max(np.array([2.0, 4.0]) + std))
     plots.close(figure)
+
+
+def test_weighted_log_density_uses_weights():
+    values = np.array([0.0, 1.0, 10.0])
+    weights = np.array([0.5, 0.125, 0.375])
+    edges = plots.log_bins([values], num=2)
+
+    density = plots.log_density(values, edges, weights)
+
+    np.testing.assert_allclose(density * np.diff(np.log10(edges)), [0.125, 0.375])
+
+
+def lanczos_spectra(density_probes: int):
+    torch.manual_seed(1)
+    model = extend(Sequential(Linear(5, 4), Tanh(), Linear(4, 3)))
+    loss_func = extend(MSELoss())
+    inputs, targets = torch.randn(6, 5), torch.randn(6, 3)
+    options = dict(top_k=2, memory_budget_gb=1e-9, on_budget_exceeded="lanczos", density_probes=density_probes)
+    probe = SpectrumProbe({"all": list(model.parameters())}, loss_func, inputs, targets, options=options)
+    return [probe.compute(model, step) for step in range(2)]
+
+
+def test_lanczos_density_plot_draws_quadrature():
+    spectra = lanczos_spectra(density_probes=2)
+
+    figures = plots.run_figures(spectra, top_k=2)
+
+    lines = figures["plots/all/density.png"].axes[0].get_lines()
+    nodes = [spectrum.curvature["all"].density_nodes.numpy() for spectrum in spectra]
+    weights = [spectrum.curvature["all"].density_weights.numpy() for spectrum in spectra]
+    edges = plots.log_bins(nodes)
+    np.testing.assert_allclose(lines[0].get_ydata(), plots.log_density(nodes[0], edges, weights[0]))
+    assert lines[0].get_label() == "step 0 (Lanczos quadrature)"
+    for figure in figures.values():
+        plots.close(figure)
+
+
+def test_lanczos_without_density_has_no_density_plot():
+    figures = plots.run_figures(lanczos_spectra(density_probes=0), top_k=2)
+
+    assert sorted(figures) == ["plots/all/top_eigvals.png"]
+    for figure in figures.values():
+        plots.close(figure)
