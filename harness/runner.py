@@ -219,6 +219,11 @@ def check_sizes(cfg: DictConfig) -> None:
             "curvature.directional_derivatives: both need loss.reduction=mean."
         )
     curvature = cfg.curvature
+    if curvature.memory_budget_gb is not None and curvature.memory_budget_gb <= 0:
+        raise ValueError(
+            f"Invalid curvature.memory_budget_gb={curvature.memory_budget_gb}: use null for no budget or a "
+            "positive number of GB."
+        )
     if curvature.density_probes < 0 or curvature.density_steps < 1:
         raise ValueError(
             f"Invalid curvature.density_probes={curvature.density_probes}, "
@@ -295,6 +300,7 @@ def run(
         atol=validate.atol,
         options=curvature_options(cfg),
     )
+    probe.check_budget(model)
 
     uri = resolve_tracking_uri(cfg.tracking.uri, launch_dir)
     check_tracking_uri(uri)

@@ -17,6 +17,7 @@ from torch.nn import Module, Parameter
 from tqdm.auto import tqdm
 
 from harness.curvature import GroupCurvature, ValidationResult, compare_eigvals, compute_curvature, exact_ggn
+from harness.curvature.eigen import plan_for_budget
 from harness.tracking import metric_key
 
 log = logging.getLogger(__name__)
@@ -171,12 +172,39 @@ class SpectrumProbe:
         inputs = self.inputs if subset is None else self.inputs[list(subset)]
         targets = self.targets if subset is None else self.targets[list(subset)]
         # A bar on a terminal only (disable=None), because the exact GGN of many groups takes a while.
-        for name in tqdm(self.validated_groups, desc=f"validate step {step}", unit="group", leave=False, disable=None, file=sys.stderr):
+        # The MC fallback's spectrum is not the exact GGN's, so it is not compared with it.
+        groups = [name for name in self.validated_groups if curvature[name].method != "mc"]
+        for name in tqdm(groups, desc=f"validate step {step}", unit="group", leave=False, disable=None, file=sys.stderr):
             ggn = exact_ggn(model, self.loss_func, inputs, targets, self.param_groups[name])
             spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
         spectrum.validation_seconds = time.perf_counter() - start
         return spectrum
 
+
+    def check_budget(self, model: Module) -> None:
+        """Check the memory budget before training: raise if the computation cannot fit, else log the plan.
+
+        Raises:
+            MemoryBudgetError: If the estimate exceeds ``memory_budget_gb`` and neither the
+                configured action nor any setting of its fallback fits.
+        """
+        budget = self.options.get("memory_budget_gb")
+        if budget is None:
+            return
+        subset = self.options.get("subsampling")
+        training = model.training
+        model.eval()
+        try:
+            plan = plan_for_budget(
+                model, self.loss_func, self.inputs, self.param_groups, self.approximation, self.mc_samples,
+                len(self.inputs) if subset is None else len(subset), self.dtype, self.options.get("path", "auto"),
+                self.options.get("directional_derivatives", False), budget,
+                self.options.get("on_budget_exceeded", "error"), announce=False,
+            )
+        finally:
+            model.train(training)
+        if plan is not None:
+            log.info("The Gram computation exceeds the memory budget of %s GB: it will use %s", budget, plan)
 
     def _time_gradient(self, model: Module) -> float:
         """Return the seconds of one forward and backward pass of the loss on the curvature batch."""

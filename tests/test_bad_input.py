@@ -7,6 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from mlflow.tracking import MlflowClient
 
+from harness.curvature.memory import MemoryBudgetError
 from harness.groups import build_param_groups
 from harness.models import mlp
 from harness.runner import run
@@ -48,6 +49,7 @@ def test_invalid_size_rejected_before_store(compose_config, tmp_path, override, 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (["curvature.memory_budget_gb=0"], "Invalid curvature.memory_budget_gb=0.0: use null"),
         (["curvature.density_probes=-1"], "Invalid curvature.density_probes=-1"),
         (["curvature.density_steps=0"], "curvature.density_steps=0: use probes ≥ 0"),
         (
@@ -62,6 +64,21 @@ def test_invalid_size_rejected_before_store(compose_config, tmp_path, override, 
 )
 def test_conflicting_curvature_options_rejected_before_store(compose_config, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
+        start_run(compose_config, tmp_path, overrides)
+
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        ("error", "needs an estimated .* above the memory budget of 1e-06 GB"),
+        ("chunked", "chunked fallback needs an estimated"),
+    ],
+)
+def test_memory_budget_exceeded_before_store(compose_config, tmp_path, action, message):
+    overrides = ["curvature.memory_budget_gb=1e-6", f"curvature.on_budget_exceeded={action}"]
+    with pytest.raises(MemoryBudgetError, match=message):
         start_run(compose_config, tmp_path, overrides)
 
     assert not (tmp_path / "mlflow.db").exists()

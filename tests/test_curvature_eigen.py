@@ -129,8 +129,18 @@ def test_small_selected_eigval_warns():
     params = list(model.parameters())
 
     with pytest.warns(UserWarning, match="3 selected eigenvalues are below .* eigenvectors are unreliable"):
-        result = compute_curvature(model, nn.MSELoss(), inputs, targets, {"all": params})["all"]
+        result = compute_curvature(model, nn.MSELoss(), inputs, targets, {"all": params}, eigvecs=True)["all"]
     assert result.selected.numel() == 6
+
+
+def test_small_selected_eigval_quiet_without_eigvecs(recwarn):
+    model = nn.Sequential(nn.Linear(2, 3, bias=False)).double()
+    inputs = torch.tensor([[1.0, 0.0], [0.0, 1e-5], [0.0, 0.0]], dtype=torch.float64)
+    params = list(model.parameters())
+
+    compute_curvature(model, nn.MSELoss(), inputs, torch.zeros(3, 3, dtype=torch.float64), {"all": params})
+
+    assert not [warning for warning in recwarn if "unreliable" in str(warning.message)]
 
 
 @pytest.mark.parametrize("subsampling", [None, [0, 2, 3]])
@@ -334,10 +344,17 @@ def test_mc_fallback_uses_most_samples_that_fit():
     torch.testing.assert_close(fallback["all"].eigvals, reference["all"].eigvals, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("action", ["chunked", "mc"])
-def test_fallback_that_cannot_fit_raises_budget_error(action):
+@pytest.mark.parametrize(
+    ("action", "message"),
+    [
+        # 5 samples with C − 1 = 3 columns each.
+        ("chunked", "chunked fallback .* chunks of one sample.*whole Gram matrix \\(15² entries"),
+        ("mc", "MC fallback .* one Monte-Carlo sample .*on_budget_exceeded=lanczos"),
+    ],
+)
+def test_fallback_that_cannot_fit_raises_budget_error(action, message):
     model, loss_func, inputs, labels = conv_problem(seed=9)
-    with pytest.raises(MemoryBudgetError, match="on_budget_exceeded to chunked"):
+    with pytest.raises(MemoryBudgetError, match=message):
         compute_curvature(
             model, loss_func, inputs, labels, {"all": list(model.parameters())}, memory_budget_gb=1e-9,
             on_budget_exceeded=action,
@@ -385,3 +402,20 @@ def test_lanczos_fallback_density_spans_exact_spectrum():
     # The mean of the nodes estimates tr(G) / D; two probes give it to within a factor of 2 here.
     mean = (result.density_weights * result.density_nodes).sum().item()
     assert 0.5 < mean / (exact.sum().item() / exact.numel()) < 2.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lanczos_fallback_with_mse_matches_exact(reduction):
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    loss_func = nn.MSELoss(reduction=reduction)
+    params = list(model.parameters())
+    exact = torch.linalg.eigvalsh(exact_ggn(model, loss_func, inputs, targets, params)).flip(0)
+
+    result = compute_curvature(
+        model, loss_func, inputs, targets, {"all": params}, top_k=3, memory_budget_gb=1e-9, on_budget_exceeded="lanczos"
+    )["all"]
+
+    torch.testing.assert_close(result.selected, exact[:3], rtol=1e-6, atol=1e-10)
+    assert result.density_nodes.max().item() == pytest.approx(exact[0].item(), rel=1e-8)

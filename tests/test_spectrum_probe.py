@@ -68,3 +68,18 @@ def test_probe_chunked_fallback_logs_chunks_and_trace():
     assert metrics["ggn/all/fallback_chunked"] == spectrum.curvature["all"].detail == 4
     assert metrics["ggn/all/trace"] == pytest.approx(spectrum.eigvals["all"].sum().item())
     assert metrics["validation/all/passed"] == 1.0
+
+
+def test_probe_mc_fallback_skips_validation():
+    model, probe = probe_problem(top_k=2)
+    groups = probe.param_groups
+    # One Monte-Carlo sample per datum fits, the exact factor's 2 columns do not.
+    fits = estimate_memory(model, probe.inputs, groups, factor_columns=1, subset_size=8).total
+    probe.options.update(memory_budget_gb=(fits + 1) / 1e9, on_budget_exceeded="mc")
+
+    spectrum = probe.compute(model, step=0)
+    metrics = spectrum.metrics(top_k=2, threshold=1e-3)
+
+    assert metrics["ggn/all/fallback_mc"] == 1
+    assert spectrum.validation == {}
+    assert not [key for key in metrics if key.startswith("validation/")]

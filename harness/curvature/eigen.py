@@ -23,7 +23,14 @@ from torch.nn import Module, Parameter
 
 from harness.curvature.gram import GramAccumulator, check_all_groups_computed, run_backward, zero_noise
 from harness.curvature.lanczos import ggn_matvec, lanczos_density, lanczos_eigenpairs
-from harness.curvature.memory import BUDGET_ACTIONS, budget_error, check_budget, estimate_memory, module_sizes
+from harness.curvature.memory import (
+    BUDGET_ACTIONS,
+    MemoryBudgetError,
+    budget_error,
+    check_budget,
+    estimate_memory,
+    module_sizes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +161,13 @@ def compute_curvature(
 
     method, detail, chunk_size = "gram", 0, subset_size
     if memory_budget_gb is not None:
-        fallback = _plan_for_budget(
+        fallback = plan_for_budget(
             model, loss_func, inputs, param_groups, approximation, mc_samples, subset_size, dtype, path,
             directional_derivatives, memory_budget_gb, on_budget_exceeded,
         )
         if fallback == "lanczos":
             return _lanczos_fallback(
-                model, loss_func, inputs, targets, param_groups, subsampling, top_k, min_eigval,
+                model, loss_func, inputs, targets, param_groups, subsampling, top_k, min_eigval, eigvecs,
                 directional_derivatives, density_probes, density_steps,
             )
         if fallback is not None:
@@ -200,7 +207,7 @@ def compute_curvature(
         if dropped_columns:
             # The reduced cross-entropy factor leaves out N columns whose eigenvalues are exactly 0.
             eigvals = torch.cat([eigvals, eigvals.new_zeros(dropped_columns * subset_size)])
-        chosen = select_eigvals(eigvals, top_k, min_eigval, model_eps, name)
+        chosen = select_eigvals(eigvals, top_k, min_eigval, model_eps, name, warn=eigvecs or directional_derivatives)
         result = GroupCurvature(
             eigvals, eigvals[chosen], None if vectors is None else vectors[:, chosen], method=method, detail=detail
         )
@@ -220,7 +227,7 @@ def compute_curvature(
     return results
 
 
-def _plan_for_budget(
+def plan_for_budget(
     model: Module,
     loss_func: Module,
     inputs: Tensor,
@@ -233,8 +240,12 @@ def _plan_for_budget(
     directional_derivatives: bool,
     budget_gb: float,
     action: str,
+    announce: bool = True,
 ) -> str | tuple[str, int] | None:
     """Check the memory estimate against the budget and choose the fallback if it does not fit.
+
+    The estimate depends on shapes only, so a check before training gives the plan of every checkpoint.
+    ``announce`` logs a warning with the estimate when a fallback is chosen.
 
     Returns:
         None if the plain Gram computation fits; ``"lanczos"``; ``("mc", M)`` with the largest
@@ -267,28 +278,36 @@ def _plan_for_budget(
         return None
     if action == "error":
         raise budget_error(plain, budget_gb)
+    prefix = f"Gram computation needs an estimated {plain.describe()}, above the budget of {budget_gb} GB"
     if action == "lanczos":
-        log.warning("Gram computation needs an estimated %s, above the budget of %s GB: using Lanczos", plain.describe(), budget_gb)
+        if announce:
+            log.warning("%s: using Lanczos", prefix)
         return "lanczos"
     if action == "mc":
         fitting = [m for m in range(columns - 1, 0, -1) if check_budget(estimate(m, subset_size), budget_gb)]
         if not fitting:
-            raise budget_error(estimate(1, subset_size), budget_gb)
-        log.warning(
-            "Gram computation needs an estimated %s, above the budget of %s GB: using the MC GGN with %d samples",
-            plain.describe(), budget_gb, fitting[0],
-        )
+            raise MemoryBudgetError(
+                f"The MC fallback needs an estimated {estimate(1, subset_size).describe()} even with one "
+                f"Monte-Carlo sample per datum, above the memory budget of {budget_gb} GB. Lower "
+                "curvature.batch_size or curvature.subsampling, raise curvature.memory_budget_gb, or set "
+                "curvature.on_budget_exceeded=lanczos."
+            )
+        if announce:
+            log.warning("%s: using the MC GGN with %d samples", prefix, fitting[0])
         return "mc", fitting[0]
     for chunks in range(3, subset_size + 1):
         chunk_size = -(-subset_size // chunks)
         if check_budget(estimate(columns, 2 * chunk_size), budget_gb):
-            log.warning(
-                "Gram computation needs an estimated %s, above the budget of %s GB: assembling it from "
-                "%d chunks of at most %d samples",
-                plain.describe(), budget_gb, chunks, chunk_size,
-            )
+            if announce:
+                log.warning("%s: assembling it from %d chunks of at most %d samples", prefix, chunks, chunk_size)
             return "chunked", chunks
-    raise budget_error(estimate(columns, 2), budget_gb)
+    raise MemoryBudgetError(
+        f"The chunked fallback needs an estimated {estimate(columns, 2).describe()} even with chunks of "
+        f"one sample, above the memory budget of {budget_gb} GB: the whole Gram matrix "
+        f"({(columns + extra) * subset_size}² entries per group) must still fit. Lower curvature.batch_size "
+        "or curvature.subsampling, raise curvature.memory_budget_gb, or set curvature.on_budget_exceeded "
+        "to mc or lanczos."
+    )
 
 
 def _chunked_grams(
@@ -341,6 +360,7 @@ def _lanczos_fallback(
     subsampling: Sequence[int] | None,
     top_k: int | None,
     min_eigval: float,
+    eigvecs: bool,
     directional_derivatives: bool,
     density_probes: int,
     density_steps: int,
@@ -359,9 +379,10 @@ def _lanczos_fallback(
         eigvals, vectors = lanczos_eigenpairs(model, loss_func, inputs, targets, params, top_k)
         eigvals = eigvals.clamp(min=0)
         chosen = torch.nonzero((eigvals > 0) & (eigvals > min_eigval)).flatten()
-        pieces = vectors[chosen].split([p.numel() for p in params], dim=1)
-        eigvecs = [piece.reshape(-1, *p.shape) for piece, p in zip(pieces, params)]
-        result = GroupCurvature(eigvals, eigvals[chosen], None, eigvecs=eigvecs, method="lanczos")
+        result = GroupCurvature(eigvals, eigvals[chosen], None, method="lanczos")
+        if eigvecs:
+            pieces = vectors[chosen].split([p.numel() for p in params], dim=1)
+            result.eigvecs = [piece.reshape(-1, *p.shape) for piece, p in zip(pieces, params)]
         if density_probes > 0:
             matvec, dim = ggn_matvec(model, loss_func, inputs, targets, params)
             nodes, weights = lanczos_density(matvec, dim, density_probes, density_steps)
@@ -411,12 +432,15 @@ def check_constraints(
         )
 
 
-def select_eigvals(eigvals: Tensor, top_k: int | None, min_eigval: float, model_eps: float, group: str) -> Tensor:
+def select_eigvals(
+    eigvals: Tensor, top_k: int | None, min_eigval: float, model_eps: float, group: str, warn: bool = True
+) -> Tensor:
     """Return the indices of the selected eigenvalues: nonzero, above ``min_eigval``, at most ``top_k``.
 
-    Warns if a selected λ is below sqrt(eps)·λ_max, eps the precision of the model's dtype in
-    which BackPACK computes V. There the error of e_k = V u_k / sqrt(λ) (about
-    eps·sqrt(λ_max / λ) relative) and the mixing of u_k with close eigenvectors are large.
+    With ``warn`` (eigenvectors or directional derivatives requested), warns if a selected λ is
+    below sqrt(eps)·λ_max, eps the precision of the model's dtype in which BackPACK computes V.
+    There the error of e_k = V u_k / sqrt(λ) (about eps·sqrt(λ_max / λ) relative) and the mixing
+    of u_k with close eigenvectors are large.
     """
     if top_k is not None and top_k < 1:
         raise ValueError(f"Invalid top_k={top_k}: it must be at least 1, or None for all.")
@@ -424,7 +448,7 @@ def select_eigvals(eigvals: Tensor, top_k: int | None, min_eigval: float, model_
     if top_k is not None:
         chosen = chosen[:top_k]
 
-    if chosen.numel() > 0:
+    if warn and chosen.numel() > 0:
         stable = model_eps**0.5 * eigvals[0]
         unstable = int((eigvals[chosen] < stable).sum())
         if unstable:
@@ -472,8 +496,8 @@ def _map_eigvecs(
 ) -> None:
     """Map each group's u_k to e_k = V u_k / sqrt(λ_k) in one more backward pass per sample chunk.
 
-    V u is the sum over chunks of V_chunk u_chunk, u_chunk the rows (r, n) of u with n in the
-    chunk; one chunk (all samples) is a single pass.
+    V u is the sum over chunks of V_chunk u_chunk, where u_chunk holds the rows (r, n) of u with n
+    in the chunk. Without the chunked fallback there is one chunk, so one pass.
     """
     subset = [index for chunk in chunks for index in chunk]
     num = len(subset)
