@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,11 @@ def exact_ggn(
     jacobian = torch.cat([jacobians[name].flatten(start_dim=outputs.dim()) for name in names], dim=-1)
     jacobian = jacobian.flatten(end_dim=outputs.dim() - 1)
 
-    loss_hessian = hessian(lambda out: loss_func(out, targets))(outputs)
+    with warnings.catch_warnings():
+        # Forward-mode AD imports torch's own JVP decompositions, which call the deprecated
+        # torch.jit.script once per process: nothing a user can act on.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        loss_hessian = hessian(lambda out: loss_func(out, targets))(outputs)
     loss_hessian = loss_hessian.reshape(outputs.numel(), outputs.numel())
     return jacobian.T @ loss_hessian @ jacobian
 

@@ -23,6 +23,7 @@ also contains the products of per-sample gradients with V and with each other.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -341,7 +342,10 @@ def run_backward(
             "the Gram method needs outputs [N, C] with the batch axis first, as the inputs."
         )
     loss = loss_func(outputs, targets)
-    with backpack(accumulator.extension(), extension_hook=accumulator.hook):
+    with backpack(accumulator.extension(), extension_hook=accumulator.hook), warnings.catch_warnings():
+        # BackPACK's hooks fire on the first layer, whose input needs no gradient; PyTorch warns
+        # about that case, and it is expected here.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients", category=UserWarning)
         loss.backward()
     return loss.detach()
 
