@@ -230,6 +230,11 @@ def check_sizes(cfg: DictConfig) -> None:
             f"curvature.density_steps={curvature.density_steps}: use probes ≥ 0 (0: no density) and steps ≥ 1."
         )
     action = curvature.on_budget_exceeded.value
+    if curvature.memory_budget_gb is None and action != "error":
+        log.warning(
+            "curvature.on_budget_exceeded=%s has no effect without curvature.memory_budget_gb: set a budget in GB.",
+            action,
+        )
     if action == "chunked" and curvature.approximation.value == "mc":
         raise ValueError(
             "Invalid curvature.on_budget_exceeded=chunked with curvature.approximation=mc: the chunked "

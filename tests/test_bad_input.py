@@ -1,5 +1,6 @@
 """Bad input is rejected before training starts, with an error that names the value and the fix."""
 
+import logging
 import socket
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from harness.curvature.memory import MemoryBudgetError
 from harness.groups import build_param_groups
 from harness.models import mlp
-from harness.runner import run
+from harness.runner import check_sizes, run
 from harness.tracking import TrackingError
 
 QUICK = ["train.steps=2", "curvature.schedule.kind=steps", "curvature.batch_size=4", "curvature.validate.enabled=false"]
@@ -245,3 +246,12 @@ def test_unknown_key_added_with_plus_rejected(compose_config, tmp_path):
     with pytest.raises(ValueError, match="Unknown config key 'optimizer.lrr'"):
         run(cfg, tmp_path, [])
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_fallback_without_budget_warns(compose_config, caplog):
+    cfg = compose_config(["curvature.on_budget_exceeded=lanczos"])
+
+    with caplog.at_level(logging.WARNING, logger="harness.runner"):
+        check_sizes(cfg)
+
+    assert "curvature.on_budget_exceeded=lanczos has no effect without curvature.memory_budget_gb" in caplog.text
