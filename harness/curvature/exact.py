@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, hessian, jacrev
 from torch.nn import Module, Parameter
+
+
+@contextlib.contextmanager
+def quiet_forward_ad() -> Iterator[None]:
+    """Hide the deprecation warning of torch.jit.script that PyTorch's forward-mode AD triggers.
+
+    The first forward-mode product of a process imports torch's own JVP decompositions, which
+    call torch.jit.script: nothing a user of the harness can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        yield
 
 
 def exact_ggn(
@@ -51,10 +64,7 @@ def exact_ggn(
     jacobian = torch.cat([jacobians[name].flatten(start_dim=outputs.dim()) for name in names], dim=-1)
     jacobian = jacobian.flatten(end_dim=outputs.dim() - 1)
 
-    with warnings.catch_warnings():
-        # Forward-mode AD imports torch's own JVP decompositions, which call the deprecated
-        # torch.jit.script once per process: nothing a user can act on.
-        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+    with quiet_forward_ad():
         loss_hessian = hessian(lambda out: loss_func(out, targets))(outputs)
     loss_hessian = loss_hessian.reshape(outputs.numel(), outputs.numel())
     return jacobian.T @ loss_hessian @ jacobian

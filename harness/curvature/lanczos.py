@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp
 from torch.nn import Module, Parameter
 
-from harness.curvature.exact import _names_of, _without_hooks
+from harness.curvature.exact import _names_of, _without_hooks, quiet_forward_ad
 
 
 def ggn_matvec(
@@ -49,7 +49,8 @@ def ggn_matvec(
     def matvec(vector: np.ndarray) -> np.ndarray:
         pieces = torch.from_numpy(np.asarray(vector).ravel()).to(device=device, dtype=dtype).split(sizes)
         tangent = {name: piece.reshape(shape) for name, piece, shape in zip(names, pieces, shapes)}
-        _, output_tangent = jvp(outputs_of, (group,), (tangent,))
+        with quiet_forward_ad():
+            _, output_tangent = jvp(outputs_of, (group,), (tangent,))
         (hessian_tangent,) = hessian_pullback(output_tangent)
         (product,) = pullback(hessian_tangent)
         flat = torch.cat([product[name].flatten() for name in names])
