@@ -253,7 +253,7 @@ class CurvatureConfig:
     ``subsampling`` (null: all) takes the GGN from the first that many samples of the curvature
     batch, as the GGN of their mean loss. ``top_k`` leading eigenpairs above ``min_eigval`` are
     selected for ``eigvecs`` and ``directional_derivatives``. ``memory_budget_gb`` (null: no
-    check) bounds the estimated peak memory of the backward pass; ``on_budget_exceeded`` says
+    check) bounds the estimated peak memory of the backward pass; ``on_budget_exceeded`` sets
     what happens above it. ``density_probes`` random probes of ``density_steps`` Lanczos steps
     each estimate the spectral density after a Lanczos fallback (0 probes: none).
     """

@@ -372,7 +372,7 @@ def test_chunked_fallback_rejects_monte_carlo():
 
 @pytest.mark.parametrize("steps", [3, 12])
 def test_lanczos_density_matches_moments_of_diagonal_operator(steps):
-    """For a diagonal operator each Rademacher probe sees every eigenvalue with weight 1/D."""
+    """For a diagonal operator every Rademacher probe gives each eigenvalue the weight 1/D."""
     eigvals = torch.linspace(0.0, 2.0, 12, dtype=torch.float64) ** 2
 
     nodes, weights = lanczos_density(lambda v: eigvals.numpy() * v, 12, probes=3, steps=steps)
