@@ -224,17 +224,11 @@ def check_sizes(cfg: DictConfig) -> None:
             f"Invalid curvature.memory_budget_gb={curvature.memory_budget_gb}: use null for no budget or a "
             "positive number of GB."
         )
-    if curvature.density_probes < 0 or curvature.density_steps < 1:
-        raise ValueError(
-            f"Invalid curvature.density_probes={curvature.density_probes}, "
-            f"curvature.density_steps={curvature.density_steps}: use probes ≥ 0 (0: no density) and steps ≥ 1."
-        )
+    if curvature.density_probes < 0:
+        raise ValueError(f"Invalid curvature.density_probes={curvature.density_probes}: use 0 (no density) or more.")
+    if curvature.density_steps < 1:
+        raise ValueError(f"Invalid curvature.density_steps={curvature.density_steps}: it must be at least 1.")
     action = curvature.on_budget_exceeded.value
-    if curvature.memory_budget_gb is None and action != "error":
-        log.warning(
-            "curvature.on_budget_exceeded=%s has no effect without curvature.memory_budget_gb: set a budget in GB.",
-            action,
-        )
     if action == "chunked" and curvature.approximation.value == "mc":
         raise ValueError(
             "Invalid curvature.on_budget_exceeded=chunked with curvature.approximation=mc: the chunked "
@@ -244,6 +238,11 @@ def check_sizes(cfg: DictConfig) -> None:
         raise ValueError(
             "Invalid curvature.on_budget_exceeded=lanczos with curvature.directional_derivatives=true: "
             "the Lanczos fallback has no per-sample derivatives. Use on_budget_exceeded=chunked, mc or error."
+        )
+    if curvature.memory_budget_gb is None and action != "error":
+        log.warning(
+            "curvature.on_budget_exceeded=%s has no effect without curvature.memory_budget_gb: set a budget in GB.",
+            action,
         )
     if any(size < 1 for size in cfg.model.hidden):
         raise ValueError(f"Invalid model.hidden={list(cfg.model.hidden)}: every size must be at least 1.")

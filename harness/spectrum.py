@@ -53,13 +53,15 @@ class Spectrum:
             metrics["ggn/gradient_seconds"] = self.gradient_seconds
             metrics["ggn/cost_in_gradients"] = self.seconds / self.gradient_seconds
         for group, eigvals in self.eigvals.items():
+            curvature = self.curvature.get(group)
+            # The Lanczos fallback has only the top-k eigenvalues: no count, no trace.
+            whole = curvature is None or curvature.method != "lanczos"
             metrics[metric_key("ggn", group, "eigval_max")] = eigvals[0].item()
-            metrics[metric_key("ggn", group, "num_eigvals_above")] = int((eigvals > threshold).sum())
+            if whole:
+                metrics[metric_key("ggn", group, "num_eigvals_above")] = int((eigvals > threshold).sum())
             for rank, value in enumerate(eigvals[:top_k].tolist(), start=1):
                 metrics[metric_key("ggn", group, f"eigval_{rank}")] = value
-            curvature = self.curvature.get(group)
-            # The Lanczos fallback has only the top-k eigenvalues, so their sum is no trace.
-            if curvature is None or curvature.method != "lanczos":
+            if whole:
                 metrics[metric_key("ggn", group, "trace")] = eigvals.sum().item()
             if curvature is not None and curvature.method != "gram":
                 value = 1 if curvature.method == "lanczos" else curvature.detail
@@ -174,6 +176,8 @@ class SpectrumProbe:
         # A bar on a terminal only (disable=None), because the exact GGN of many groups takes a while.
         # The MC fallback's spectrum is not the exact GGN's, so it is not compared with it.
         groups = [name for name in self.validated_groups if curvature[name].method != "mc"]
+        if len(groups) < len(self.validated_groups):
+            log.info("Validation skipped at step %d: the MC fallback's spectrum is not the exact GGN's", step)
         for name in tqdm(groups, desc=f"validate step {step}", unit="group", leave=False, disable=None, file=sys.stderr):
             ggn = exact_ggn(model, self.loss_func, inputs, targets, self.param_groups[name])
             spectrum.validation[name] = compare_eigvals(eigvals[name], ggn, self.rtol, self.atol)
@@ -199,12 +203,19 @@ class SpectrumProbe:
                 model, self.loss_func, self.inputs, self.param_groups, self.approximation, self.mc_samples,
                 len(self.inputs) if subset is None else len(subset), self.dtype, self.options.get("path", "auto"),
                 self.options.get("directional_derivatives", False), budget,
-                self.options.get("on_budget_exceeded", "error"), announce=False,
+                self.options.get("on_budget_exceeded", "error"), announce=False, top_k=self.options.get("top_k"),
+                density_steps=self.options.get("density_steps", 20) if self.options.get("density_probes", 2) > 0 else 0,
             )
         finally:
             model.train(training)
-        if plan is not None:
-            log.info("The Gram computation exceeds the memory budget of %s GB: it will use %s", budget, plan)
+        if plan == "lanczos":
+            log.info("The Gram computation exceeds the memory budget of %s GB: it will use the Lanczos fallback", budget)
+        elif plan is not None:
+            unit = "chunks of the curvature batch" if plan[0] == "chunked" else "Monte-Carlo samples per datum"
+            log.info(
+                "The Gram computation exceeds the memory budget of %s GB: it will use the %s fallback with %d %s",
+                budget, plan[0], plan[1], unit,
+            )
 
     def _time_gradient(self, model: Module) -> float:
         """Return the seconds of one forward and backward pass of the loss on the curvature batch."""

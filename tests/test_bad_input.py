@@ -51,8 +51,8 @@ def test_invalid_size_rejected_before_store(compose_config, tmp_path, override, 
     ("overrides", "message"),
     [
         (["curvature.memory_budget_gb=0"], "Invalid curvature.memory_budget_gb=0.0: use null"),
-        (["curvature.density_probes=-1"], "Invalid curvature.density_probes=-1"),
-        (["curvature.density_steps=0"], "curvature.density_steps=0: use probes ≥ 0"),
+        (["curvature.density_probes=-1"], "Invalid curvature.density_probes=-1: use 0"),
+        (["curvature.density_steps=0"], "Invalid curvature.density_steps=0: it must be at least 1"),
         (
             ["curvature=mc", "curvature.on_budget_exceeded=chunked"],
             "Invalid curvature.on_budget_exceeded=chunked with curvature.approximation=mc.*Use on_budget_exceeded=mc",

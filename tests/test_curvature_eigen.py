@@ -243,12 +243,18 @@ def test_memory_estimate_grows_with_batch():
     assert large.total > small.total
 
 
+def half_the_gram_budget(model, inputs, groups, columns):
+    """A budget in GB of half the Gram computation's estimate: with 40 samples the Lanczos vectors fit."""
+    return estimate_memory(model, inputs, groups, columns, len(inputs)).total / 2 / 1e9
+
+
 def test_lanczos_fallback_matches_exact_top_k():
-    model, loss_func, inputs, labels = conv_problem(seed=6)
+    model, loss_func, inputs, labels = conv_problem(seed=6, num_samples=40)
     groups = {"conv": list(model[0].parameters()), "fc": list(model[3].parameters())}
+    budget = half_the_gram_budget(model, inputs, groups, columns=3)
 
     results = compute_curvature(
-        model, loss_func, inputs, labels, groups, top_k=3, eigvecs=True, memory_budget_gb=1e-6, on_budget_exceeded="lanczos"
+        model, loss_func, inputs, labels, groups, top_k=3, eigvecs=True, memory_budget_gb=budget, on_budget_exceeded="lanczos"
     )
 
     for name, params in groups.items():
@@ -387,12 +393,13 @@ def test_lanczos_density_matches_moments_of_diagonal_operator(steps):
 
 
 def test_lanczos_fallback_density_spans_exact_spectrum():
-    model, loss_func, inputs, labels = conv_problem(seed=10)
+    model, loss_func, inputs, labels = conv_problem(seed=10, num_samples=40)
     params = list(model[3].parameters())
     exact = torch.linalg.eigvalsh(exact_ggn(model, loss_func, inputs, labels, params))
+    budget = half_the_gram_budget(model, inputs, {"fc": params}, columns=3)
 
     result = compute_curvature(
-        model, loss_func, inputs, labels, {"fc": params}, top_k=2, memory_budget_gb=1e-9,
+        model, loss_func, inputs, labels, {"fc": params}, top_k=2, memory_budget_gb=budget,
         on_budget_exceeded="lanczos", density_probes=2, density_steps=30,
     )["fc"]
 
@@ -408,14 +415,26 @@ def test_lanczos_fallback_density_spans_exact_spectrum():
 def test_lanczos_fallback_with_mse_matches_exact(reduction):
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    inputs, targets = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    inputs, targets = torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     loss_func = nn.MSELoss(reduction=reduction)
     params = list(model.parameters())
     exact = torch.linalg.eigvalsh(exact_ggn(model, loss_func, inputs, targets, params)).flip(0)
+    budget = half_the_gram_budget(model, inputs, {"all": params}, columns=3)
 
     result = compute_curvature(
-        model, loss_func, inputs, targets, {"all": params}, top_k=3, memory_budget_gb=1e-9, on_budget_exceeded="lanczos"
+        model, loss_func, inputs, targets, {"all": params}, top_k=3, memory_budget_gb=budget, on_budget_exceeded="lanczos"
     )["all"]
 
     torch.testing.assert_close(result.selected, exact[:3], rtol=1e-6, atol=1e-10)
     assert result.density_nodes.max().item() == pytest.approx(exact[0].item(), rel=1e-8)
+
+
+def test_lanczos_fallback_that_cannot_fit_raises_budget_error():
+    model, loss_func, inputs, labels = conv_problem(seed=9)
+    # 10 kB: below the Gram computation's estimate, and 20 eigsh vectors and 20 density steps of
+    # the 361 parameters alone take 115 kB.
+    with pytest.raises(MemoryBudgetError, match=r"Lanczos fallback needs .*\(40 vectors of 361 parameters"):
+        compute_curvature(
+            model, loss_func, inputs, labels, {"all": list(model.parameters())}, top_k=3, memory_budget_gb=1e-5,
+            on_budget_exceeded="lanczos",
+        )

@@ -7,6 +7,7 @@ from backpack import extend
 from torch.nn import Linear, MSELoss, Sequential, Tanh
 
 from harness import plots
+from harness.curvature.memory import estimate_memory
 from harness.spectrum import SpectrumProbe
 
 
@@ -136,8 +137,11 @@ def lanczos_spectra(density_probes: int):
     torch.manual_seed(1)
     model = extend(Sequential(Linear(5, 4), Tanh(), Linear(4, 3)))
     loss_func = extend(MSELoss())
-    inputs, targets = torch.randn(6, 5), torch.randn(6, 3)
-    options = dict(top_k=2, memory_budget_gb=1e-9, on_budget_exceeded="lanczos", density_probes=density_probes)
+    inputs, targets = torch.randn(40, 5), torch.randn(40, 3)
+    groups = {"all": list(model.parameters())}
+    # Half the Gram computation's estimate (float64 Gram matrices): the Lanczos vectors fit in it.
+    budget = estimate_memory(model, inputs, groups, factor_columns=3, subset_size=40).total / 2 / 1e9
+    options = dict(top_k=2, memory_budget_gb=budget, on_budget_exceeded="lanczos", density_probes=density_probes)
     probe = SpectrumProbe({"all": list(model.parameters())}, loss_func, inputs, targets, options=options)
     return [probe.compute(model, step) for step in range(2)]
 

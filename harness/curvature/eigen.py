@@ -163,7 +163,8 @@ def compute_curvature(
     if memory_budget_gb is not None:
         fallback = plan_for_budget(
             model, loss_func, inputs, param_groups, approximation, mc_samples, subset_size, dtype, path,
-            directional_derivatives, memory_budget_gb, on_budget_exceeded,
+            directional_derivatives, memory_budget_gb, on_budget_exceeded, top_k=top_k,
+            density_steps=density_steps if density_probes > 0 else 0,
         )
         if fallback == "lanczos":
             return _lanczos_fallback(
@@ -241,11 +242,14 @@ def plan_for_budget(
     budget_gb: float,
     action: str,
     announce: bool = True,
+    top_k: int | None = None,
+    density_steps: int = 0,
 ) -> str | tuple[str, int] | None:
     """Check the memory estimate against the budget and choose the fallback if it does not fit.
 
     The estimate depends on shapes only, so a check before training gives the plan of every checkpoint.
-    ``announce`` logs a warning with the estimate when a fallback is chosen.
+    ``announce`` logs a warning with the estimate when a fallback is chosen. For ``"lanczos"``,
+    ``top_k`` and ``density_steps`` (0: no density) size the Lanczos vectors of the largest group.
 
     Returns:
         None if the plain Gram computation fits; ``"lanczos"``; ``("mc", M)`` with the largest
@@ -278,8 +282,19 @@ def plan_for_budget(
         return None
     if action == "error":
         raise budget_error(plain, budget_gb)
-    prefix = f"Gram computation needs an estimated {plain.describe()}, above the budget of {budget_gb} GB"
+    prefix = f"Gram computation needs an estimated {plain.describe()}, above the memory budget of {budget_gb} GB"
     if action == "lanczos":
+        # scipy's eigsh keeps max(2k + 1, 20) float64 vectors of the group's size, the density
+        # one per Lanczos step; the GGN-vector products keep the activations.
+        largest = max(sum(p.numel() for p in params) for params in param_groups.values())
+        vectors = min(largest, max(2 * (top_k or 1) + 1, 20)) + density_steps
+        needed = plain.activations + 8 * vectors * largest
+        if needed > budget_gb * 1e9:
+            raise MemoryBudgetError(
+                f"The Lanczos fallback needs an estimated {needed / 1e9:.3g} GB ({vectors} vectors of "
+                f"{largest} parameters and the activations), above the memory budget of {budget_gb} GB. "
+                "Lower curvature.batch_size, top_k or density_steps, or raise curvature.memory_budget_gb."
+            )
         if announce:
             log.warning("%s: using Lanczos", prefix)
         return "lanczos"
@@ -496,7 +511,7 @@ def _map_eigvecs(
 ) -> None:
     """Map each group's u_k to e_k = V u_k / sqrt(λ_k) in one more backward pass per sample chunk.
 
-    V u is the sum over chunks of V_chunk u_chunk, where u_chunk holds the rows (r, n) of u with n
+    V u is the sum over chunks of V_chunk u_chunk, where u_chunk has the rows (r, n) of u with n
     in the chunk. Without the chunked fallback there is one chunk, so one pass.
     """
     subset = [index for chunk in chunks for index in chunk]
