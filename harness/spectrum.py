@@ -184,7 +184,6 @@ class SpectrumProbe:
         spectrum.validation_seconds = time.perf_counter() - start
         return spectrum
 
-
     def check_budget(self, model: Module) -> None:
         """Check the memory budget before training: raise if the computation cannot fit, else log the plan.
 
@@ -192,19 +191,16 @@ class SpectrumProbe:
             MemoryBudgetError: If the estimate exceeds ``memory_budget_gb`` and neither the
                 configured action nor any setting of its fallback fits.
         """
-        budget = self.options.get("memory_budget_gb")
+        options = {key: value for key, value in self.options.items() if key not in ("min_eigval", "eigvecs")}
+        budget = options.pop("memory_budget_gb", None)
         if budget is None:
             return
-        subset = self.options.get("subsampling")
         training = model.training
         model.eval()
         try:
             plan = plan_for_budget(
-                model, self.loss_func, self.inputs, self.param_groups, self.approximation, self.mc_samples,
-                len(self.inputs) if subset is None else len(subset), self.dtype, self.options.get("path", "auto"),
-                self.options.get("directional_derivatives", False), budget,
-                self.options.get("on_budget_exceeded", "error"), announce=False, top_k=self.options.get("top_k"),
-                density_steps=self.options.get("density_steps", 20) if self.options.get("density_probes", 2) > 0 else 0,
+                model, self.loss_func, self.inputs, self.param_groups, budget, options.pop("on_budget_exceeded", "error"),
+                self.approximation, self.mc_samples, self.dtype, announce=False, **options,
             )
         finally:
             model.train(training)

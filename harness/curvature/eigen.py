@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
-from harness.curvature.gram import GramAccumulator, check_all_groups_computed, run_backward, zero_noise
+from harness.curvature.gram import GramAccumulator, check_all_groups_computed, factor_columns, run_backward, zero_noise
 from harness.curvature.lanczos import ggn_matvec, lanczos_density, lanczos_eigenpairs
 from harness.curvature.memory import (
     BUDGET_ACTIONS,
@@ -152,8 +152,8 @@ def compute_curvature(
         raise ValueError(f"Invalid on_budget_exceeded={on_budget_exceeded!r}: use one of {BUDGET_ACTIONS}.")
     if on_budget_exceeded == "chunked" and approximation != "exact":
         raise ValueError(
-            "Invalid on_budget_exceeded='chunked' with approximation='mc': chunks need the same "
-            "Monte-Carlo draws in every pass, so use on_budget_exceeded=mc or error."
+            f"Invalid on_budget_exceeded='chunked' with approximation={approximation!r}: chunks need the "
+            "same Monte-Carlo draws in every pass, so use on_budget_exceeded=mc or error."
         )
     subset = list(range(num_samples)) if subsampling is None else list(subsampling)
     subset_size = len(subset)
@@ -162,9 +162,8 @@ def compute_curvature(
     method, detail, chunk_size = "gram", 0, subset_size
     if memory_budget_gb is not None:
         fallback = plan_for_budget(
-            model, loss_func, inputs, param_groups, approximation, mc_samples, subset_size, dtype, path,
-            directional_derivatives, memory_budget_gb, on_budget_exceeded, top_k=top_k,
-            density_steps=density_steps if density_probes > 0 else 0,
+            model, loss_func, inputs, param_groups, memory_budget_gb, on_budget_exceeded, approximation,
+            mc_samples, dtype, subsampling, top_k, directional_derivatives, path, density_probes, density_steps,
         )
         if fallback == "lanczos":
             return _lanczos_fallback(
@@ -176,7 +175,7 @@ def compute_curvature(
             if method == "mc":
                 approximation, mc_samples = "mc", detail
             else:
-                chunk_size = -(-subset_size // detail)
+                chunk_size = _ceil_div(subset_size, detail)
 
     rng_before = _rng_state(inputs.device)
     if chunk_size < subset_size:
@@ -233,47 +232,43 @@ def plan_for_budget(
     loss_func: Module,
     inputs: Tensor,
     param_groups: Mapping[str, Sequence[Parameter]],
-    approximation: str,
-    mc_samples: int,
-    subset_size: int,
-    dtype: torch.dtype,
-    path: str,
-    directional_derivatives: bool,
     budget_gb: float,
     action: str,
-    announce: bool = True,
+    approximation: str = "exact",
+    mc_samples: int = 1,
+    dtype: torch.dtype = torch.float64,
+    subsampling: Sequence[int] | None = None,
     top_k: int | None = None,
-    density_steps: int = 0,
+    directional_derivatives: bool = False,
+    path: str = "auto",
+    density_probes: int = 2,
+    density_steps: int = 20,
+    announce: bool = True,
 ) -> str | tuple[str, int] | None:
     """Check the memory estimate against the budget and choose the fallback if it does not fit.
 
-    The estimate depends on shapes only, so a check before training gives the plan of every checkpoint.
-    ``announce`` logs a warning with the estimate when a fallback is chosen. For ``"lanczos"``,
-    ``top_k`` and ``density_steps`` (0: no density) size the Lanczos vectors of the largest group.
+    The arguments are those of ``compute_curvature``. The estimate depends on shapes only, so a
+    check before training gives the plan of every checkpoint. ``announce`` logs a warning with
+    the estimate when a fallback is chosen.
 
     Returns:
-        None if the plain Gram computation fits; ``"lanczos"``; ``("mc", M)`` with the largest
-        number of Monte-Carlo samples M that fits; or ``("chunked", P)`` with the smallest
-        number of sample chunks P (at least 3) whose pairs fit.
+        None if the plain Gram computation fits, else the fallback. That is ``"lanczos"``,
+        ``("mc", M)`` with the largest number of Monte-Carlo samples M that fits, or
+        ``("chunked", P)`` with the fewest sample chunks P (at least 3) whose pairs fit.
 
     Raises:
-        MemoryBudgetError: If the action is ``"error"``, or no setting of ``"mc"`` or
-            ``"chunked"`` fits.
+        MemoryBudgetError: If the action is ``"error"``, or no setting of the fallback fits.
     """
     with torch.no_grad():
         num_outputs = model(inputs[:2]).shape[1:].numel()
-    if approximation == "mc":
-        columns = mc_samples
-    elif isinstance(loss_func, torch.nn.CrossEntropyLoss) and num_outputs >= 2:
-        columns = num_outputs - 1
-    else:
-        columns = num_outputs
+    columns = factor_columns(loss_func, num_outputs, approximation, mc_samples)
     extra = int(directional_derivatives)
+    subset_size = len(inputs) if subsampling is None else len(subsampling)
     sizes = module_sizes(model, inputs)
 
-    def estimate(factor_columns: int, pass_samples: int):
+    def estimate(columns_per_sample: int, pass_samples: int):
         return estimate_memory(
-            model, inputs, param_groups, factor_columns + extra, pass_samples, dtype, path,
+            model, inputs, param_groups, columns_per_sample + extra, pass_samples, dtype, path,
             total_samples=subset_size, sizes=sizes,
         )
 
@@ -282,12 +277,13 @@ def plan_for_budget(
         return None
     if action == "error":
         raise budget_error(plain, budget_gb)
+
     prefix = f"Gram computation needs an estimated {plain.describe()}, above the memory budget of {budget_gb} GB"
     if action == "lanczos":
-        # scipy's eigsh keeps max(2k + 1, 20) float64 vectors of the group's size, the density
-        # one per Lanczos step; the GGN-vector products keep the activations.
+        # scipy's eigsh keeps max(2k + 1, 20) float64 vectors of the group's size, and the density
+        # one more per Lanczos step. The GGN-vector products keep the activations.
         largest = max(sum(p.numel() for p in params) for params in param_groups.values())
-        vectors = min(largest, max(2 * (top_k or 1) + 1, 20)) + density_steps
+        vectors = min(largest, max(2 * (top_k or 1) + 1, 20)) + (density_steps if density_probes > 0 else 0)
         needed = plain.activations + 8 * vectors * largest
         if needed > budget_gb * 1e9:
             raise MemoryBudgetError(
@@ -298,6 +294,7 @@ def plan_for_budget(
         if announce:
             log.warning("%s: using Lanczos", prefix)
         return "lanczos"
+
     if action == "mc":
         fitting = [m for m in range(columns - 1, 0, -1) if check_budget(estimate(m, subset_size), budget_gb)]
         if not fitting:
@@ -310,9 +307,11 @@ def plan_for_budget(
         if announce:
             log.warning("%s: using the MC GGN with %d samples", prefix, fitting[0])
         return "mc", fitting[0]
-    for chunks in range(3, subset_size + 1):
-        chunk_size = -(-subset_size // chunks)
+
+    # Chunks of at most a third of the samples, so that a pass over two of them saves memory.
+    for chunk_size in range(_ceil_div(subset_size, 3), 0, -1):
         if check_budget(estimate(columns, 2 * chunk_size), budget_gb):
+            chunks = _ceil_div(subset_size, chunk_size)
             if announce:
                 log.warning("%s: assembling it from %d chunks of at most %d samples", prefix, chunks, chunk_size)
             return "chunked", chunks
@@ -323,6 +322,17 @@ def plan_for_budget(
         "or curvature.subsampling, raise curvature.memory_budget_gb, or set curvature.on_budget_exceeded "
         "to mc or lanczos."
     )
+
+
+def _factor_rows(columns: int, num_samples: int, positions: Sequence[int], device: torch.device) -> Tensor:
+    """Return the rows r·N + n of a Gram matrix ordered (r, n) for the samples n at ``positions``."""
+    index = torch.tensor(list(positions))
+    return (torch.arange(columns).unsqueeze(1) * num_samples + index).flatten().to(device)
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    """Return ⌈numerator / denominator⌉ for positive integers."""
+    return -(-numerator // denominator)
 
 
 def _chunked_grams(
@@ -343,8 +353,8 @@ def _chunked_grams(
     keeps the whole batch's 1/N under subsampling, so the blocks are those of one pass over
     ``subset``. Rows are ordered (r, position in ``subset``), as in one pass.
     """
-    num = len(subset)
-    chunks = [list(range(first, min(num, first + chunk_size))) for first in range(0, num, chunk_size)]
+    num_samples = len(subset)
+    chunks = [list(range(first, min(num_samples, first + chunk_size))) for first in range(0, num_samples, chunk_size)]
     grams: dict[str, Tensor] = {}
     dropped_columns = 0
     for first in range(len(chunks)):
@@ -356,12 +366,11 @@ def _chunked_grams(
             run_backward(model, loss_func, inputs, targets, accumulator)
             check_all_groups_computed(accumulator)
             dropped_columns = accumulator.dropped_columns
-            index = torch.tensor(positions)
             for name, part in accumulator.grams.items():
                 columns = part.shape[0] // len(positions)
-                rows = (torch.arange(columns).unsqueeze(1) * num + index).flatten().to(part.device)
+                rows = _factor_rows(columns, num_samples, positions, part.device)
                 if name not in grams:
-                    grams[name] = part.new_zeros(columns * num, columns * num)
+                    grams[name] = part.new_zeros(columns * num_samples, columns * num_samples)
                 grams[name][rows.unsqueeze(1), rows] = part
     return grams, dropped_columns
 
@@ -514,24 +523,23 @@ def _map_eigvecs(
     V u is the sum over chunks of V_chunk u_chunk, where u_chunk has the rows (r, n) of u with n
     in the chunk. Without the chunked fallback there is one chunk, so one pass.
     """
-    subset = [index for chunk in chunks for index in chunk]
-    num = len(subset)
+    num_samples = sum(len(chunk) for chunk in chunks)
     # V_raw u / sqrt(λ_raw) with λ_raw = λ / scale.
     coefficients = {name: result.gram_eigvecs * (scale / result.selected).sqrt() for name, result in results.items()}
     totals: dict[int, Tensor] = {}
     offset = 0
     for chunk in chunks:
-        single = len(chunks) == 1
+        # One chunk of the whole batch in order is the plain pass, without subsampling.
+        whole_batch = chunk == list(range(len(inputs)))
         accumulator = GramAccumulator(
-            param_groups, approximation, mc_samples, dtype, None if single and chunk == list(range(len(inputs))) else chunk,
-            path=path,
+            param_groups, approximation, mc_samples, dtype, None if whole_batch else chunk, path=path
         )
-        positions = torch.arange(offset, offset + len(chunk))
+        positions = list(range(offset, offset + len(chunk)))
         offset += len(chunk)
         accumulator.coefficients = {}
         for name, values in coefficients.items():
-            columns = values.shape[0] // num
-            rows = (torch.arange(columns).unsqueeze(1) * num + positions).flatten().to(values.device)
+            columns = values.shape[0] // num_samples
+            rows = _factor_rows(columns, num_samples, positions, values.device)
             accumulator.coefficients[name] = values[rows]
         run_backward(model, loss_func, inputs, targets, accumulator)
         for key, projection in accumulator.projections.items():

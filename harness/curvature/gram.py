@@ -260,6 +260,18 @@ def _subsample(tensor: Tensor, subsampling: list[int] | None) -> Tensor:
     return tensor if subsampling is None else tensor[subsampling]
 
 
+def factor_columns(loss_func: Module, num_outputs: int, approximation: str = "exact", mc_samples: int = 1) -> int:
+    """Return the factor columns per sample of ``GramAccumulator`` with the default ``reduced_factor``.
+
+    ``mc_samples`` for the MC GGN, C − 1 for the exact GGN of cross-entropy with C ≥ 2 outputs, else C.
+    """
+    if approximation == "mc":
+        return mc_samples
+    if isinstance(loss_func, CrossEntropyLoss) and num_outputs >= 2:
+        return num_outputs - 1
+    return num_outputs
+
+
 def reduced_cross_entropy_factor(logits: Tensor, reduction: str, batch_size: int) -> Tensor:
     """Return a factor S of shape [C − 1, N, C] with Σ_r S[r, n] S[r, n]ᵀ = the CE Hessian of sample n.
 
@@ -292,6 +304,7 @@ def _reduced_cross_entropy_rule(accumulator: GramAccumulator) -> type:
     class ReducedCrossEntropyRule(SqrtGGNCrossEntropyLoss):
         def backpropagate(self, ext, module, grad_inp, grad_out, backproped):
             logits = module.input0
+            # The same condition as in factor_columns: only C ≥ 2 outputs of shape [N, C] are reduced.
             if logits.dim() != 2 or logits.shape[1] < 2:
                 return super().backpropagate(ext, module, grad_inp, grad_out, backproped)
             self.derivatives._check_2nd_order_parameters(module)
@@ -343,8 +356,8 @@ def run_backward(
         )
     loss = loss_func(outputs, targets)
     with backpack(accumulator.extension(), extension_hook=accumulator.hook), warnings.catch_warnings():
-        # BackPACK's hooks fire on the first layer, whose input needs no gradient; PyTorch warns
-        # about that case, and it is expected here.
+        # PyTorch warns when a full backward hook fires on a layer whose input needs no gradient.
+        # BackPACK's hooks do that on the first layer, as expected here.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients", category=UserWarning)
         loss.backward()
     return loss.detach()
