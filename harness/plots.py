@@ -170,7 +170,8 @@ def run_figures(spectra: Sequence[Spectrum], top_k: int) -> dict[str, Figure]:
 
     ``plots/<group>/density.png``, ``top_eigvals.png``, ``spectrogram.png`` and, for groups
     compared with the exact GGN, ``validation.png``. After a Lanczos fallback the density and the
-    spectrogram show its quadrature, and they are left out if there was none at any checkpoint.
+    spectrogram show its quadrature. Checkpoints without a quadrature are left out of both
+    figures, and the figures are left out when no checkpoint has one.
     """
     if not spectra:
         return {}

@@ -63,7 +63,7 @@ def test_invalid_size_rejected_before_store(compose_config, tmp_path, override, 
         ),
     ],
 )
-def test_conflicting_curvature_options_rejected_before_store(compose_config, tmp_path, overrides, message):
+def test_conflicting_curvature_options_rejected(compose_config, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         start_run(compose_config, tmp_path, overrides)
 

@@ -76,7 +76,7 @@ def test_cross_entropy_matches_exact_ggn(reduction, reduced_factor):
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 40.0])
-def test_reduced_cross_entropy_factor_squares_to_hessian(scale):
+def test_reduced_factor_squares_to_hessian(scale):
     """S Sᵀ per sample equals the autograd Hessian of CE in the logits, also for p near one-hot."""
     torch.manual_seed(3)
     logits = scale * torch.randn(5, 7, dtype=torch.float64)

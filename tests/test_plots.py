@@ -161,7 +161,7 @@ def test_lanczos_density_plot_draws_quadrature():
         plots.close(figure)
 
 
-def test_lanczos_without_density_has_no_density_plot():
+def test_lanczos_without_density_no_plot():
     figures = plots.run_figures(lanczos_spectra(density_probes=0), top_k=2)
 
     assert sorted(figures) == ["plots/all/top_eigvals.png"]

@@ -100,7 +100,7 @@ def test_chunked_path_splits_output_features(monkeypatch):
     torch.testing.assert_close(chunked, reference, rtol=1e-10, atol=1e-13)
 
 
-def test_structured_path_in_blocks_of_one_sample(monkeypatch):
+def test_structured_path_one_sample_blocks(monkeypatch):
     model, loss_func, inputs, labels = problem("conv2d", seed=3, num_samples=5)
     groups = {"all": list(model.parameters())}
     reference = compute_grams(model, loss_func, inputs, labels, groups, path="materialized")["all"]

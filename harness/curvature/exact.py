@@ -15,10 +15,10 @@ from torch.nn import Module, Parameter
 
 @contextlib.contextmanager
 def quiet_forward_ad() -> Iterator[None]:
-    """Hide the deprecation warning of torch.jit.script that PyTorch's forward-mode AD triggers.
+    """Hide the torch.jit.script deprecation warning that PyTorch's forward-mode AD triggers.
 
     The first forward-mode product of a process imports torch's own JVP decompositions, which
-    call torch.jit.script: nothing a user of the harness can act on.
+    call torch.jit.script. A user of the harness cannot act on that warning.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)

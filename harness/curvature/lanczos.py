@@ -42,8 +42,8 @@ def ggn_matvec(
         return functional_call(model, {**frozen, **group_params}, (inputs,))
 
     outputs, pullback = vjp(outputs_of, group)
-    # H u as the pullback of the loss gradient (H is symmetric). Forward mode over the gradient
-    # of MSELoss fails in torch 2.14 on an immutable zero tensor, reverse over reverse does not.
+    # H u is the pullback of the loss gradient, because H is symmetric. Forward mode over the
+    # gradient of MSELoss fails in torch 2.14 on an immutable zero tensor, but reverse mode works.
     _, hessian_pullback = vjp(grad(lambda out: loss_func(out, targets)), outputs)
 
     def matvec(vector: np.ndarray) -> np.ndarray:

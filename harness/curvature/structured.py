@@ -34,11 +34,11 @@ from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 from backpack.utils.conv import unfold_by_conv
 
 PATHS = ("auto", "structured", "chunked", "materialized")
-# Entries of one chunk: a slice of V_W on the chunked path (64 MiB in float32); a quarter of it
-# bounds one block of the input kernel K on the structured path.
+# Entries of one chunk of V_W on the chunked path (64 MiB in float32). On the structured path,
+# one block of the input kernel K has at most a quarter of it.
 CHUNK_ENTRIES = 2**24
-# Entries of one piece of the intermediate T on the structured path (8 MiB in float32). Pieces
-# from 2**20 to 2**24 entries ran equally fast for cifar10_3c3d on 2 cores; smaller ones slower.
+# Entries of one piece of the intermediate T on the structured path (8 MiB in float32). For
+# cifar10_3c3d on 2 cores, pieces of 2**20 to 2**24 entries ran equally fast and smaller ones slower.
 GROUP_ENTRIES = 2**21
 # Row blocks of the chunked path: it computes the ROW_BLOCKS·(ROW_BLOCKS + 1)/2 blocks on and
 # above the diagonal.
